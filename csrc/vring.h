@@ -1,0 +1,131 @@
+/*
+ * vring.h: the split-virtqueue engine that Python drives through cffi.
+ *
+ * This file is the cffi cdef as well as the C header, so it holds only what cffi's parser
+ * accepts: no #include, no function-like macros, only integer #defines. vring.c includes the
+ * system headers it needs before this one.
+ *
+ * Everything reachable from a descriptor is guest-controlled. Every index, length and address is
+ * checked before use, and each failure has its own code so the daemon can log exactly one line.
+ */
+
+/* Limits. */
+#define VQ_MAX_REGIONS 64         /* memory slots we accept (QEMU uses up to 32, CH fewer) */
+#define VQ_MAX_IOV 1024           /* iovecs one chain may produce, as libvhost-user */
+#define VQ_REQ_BUF 8192           /* readable bytes vq_pop copies out for the request parser */
+#define VQ_MAX_QUEUE_SIZE 32768   /* largest split ring (virtio 1.x) */
+
+/* Feature switches for one ring, from the negotiated virtio features. */
+#define VQ_F_INDIRECT 1           /* VIRTIO_RING_F_INDIRECT_DESC was acked */
+#define VQ_F_EVENT_IDX 2          /* VIRTIO_RING_F_EVENT_IDX was acked */
+
+/* vq_pop results: 1 = a chain was taken, 0 = ring empty, negative = the ring is broken. */
+#define VQ_ERR_NOT_READY -1       /* ring not mapped, or size not a power of two */
+#define VQ_ERR_AVAIL_IDX -2       /* avail->idx ran more than the queue size ahead of us */
+#define VQ_ERR_HEAD -3            /* head index >= queue size */
+#define VQ_ERR_NEXT -4            /* next index >= table size */
+#define VQ_ERR_LOOP -5            /* more hops than descriptors: a loop */
+#define VQ_ERR_INDIRECT_FEATURE -6 /* INDIRECT flag without the negotiated feature */
+#define VQ_ERR_INDIRECT_LEN -7    /* indirect table length zero, not a multiple of 16, or too big */
+#define VQ_ERR_INDIRECT_NESTED -8 /* an indirect table inside an indirect table */
+#define VQ_ERR_ORDER -9           /* a readable descriptor after a writable one */
+#define VQ_ERR_OVERFLOW -10       /* the chain's total length exceeds 2^32 */
+#define VQ_ERR_ADDRESS -11        /* a buffer not wholly inside guest memory regions */
+#define VQ_ERR_TOO_MANY_IOV -12   /* more than VQ_MAX_IOV iovecs */
+#define VQ_ERR_INUSE -13          /* more chains in flight than the queue size */
+#define VQ_ERR_USED_HEAD -14      /* vq_push of a head that is not in flight range */
+
+/* One guest RAM region, sorted by gpa in vq_memory. hva is where gpa is mapped in this process. */
+struct vq_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint64_t uva;                 /* front-end (QEMU) virtual address of gpa */
+    uint64_t hva;
+};
+
+struct vq_memory {
+    uint32_t nregions;
+    struct vq_region regions[VQ_MAX_REGIONS];
+};
+
+/* Same layout as struct iovec (checked at compile time in vring.c). */
+struct vq_iov {
+    void *base;
+    size_t len;
+};
+
+/* One split ring. Python allocates it and sets num/features; C owns the rest. */
+struct vq_ring {
+    uint32_t num;                 /* queue size, power of two */
+    uint32_t features;            /* VQ_F_* */
+    void *desc;                   /* host pointers, set by vq_ring_map */
+    void *avail;
+    void *used;
+    uint16_t last_avail;          /* next avail ring slot to take */
+    uint16_t used_idx;            /* shadow of used->idx */
+    uint16_t signalled_used;      /* used_idx at the last interrupt (EVENT_IDX) */
+    uint8_t signalled_used_valid;
+    uint32_t inflight;            /* chains popped but not yet pushed */
+};
+
+/* A popped descriptor chain: iov[0..nread) readable, iov[nread..nread+nwrite) writable. */
+struct vq_chain {
+    uint16_t head;
+    uint16_t nread;
+    uint16_t nwrite;
+    uint32_t read_len;
+    uint32_t write_len;
+    uint32_t req_len;             /* bytes copied into req: min(read_len, VQ_REQ_BUF) */
+    uint8_t req[VQ_REQ_BUF];
+    struct vq_iov iov[VQ_MAX_IOV];
+};
+
+/* Text for a VQ_ERR_* code (static string). */
+const char *vq_strerror(int err);
+
+/* Translate [gpa, gpa+len) into at most max iovecs, split at region borders.
+ * Returns the number of iovecs, VQ_ERR_ADDRESS or VQ_ERR_TOO_MANY_IOV. */
+int vq_translate(const struct vq_memory *mem, uint64_t gpa, uint64_t len,
+                 struct vq_iov *iov, uint32_t max);
+
+/* Host pointer for a front-end virtual address range that lies inside one region, else NULL. */
+void *vq_uva_to_hva(const struct vq_memory *mem, uint64_t uva, uint64_t len);
+
+/* Point the ring at its three areas, given as front-end virtual addresses (SET_VRING_ADDR).
+ * Checks alignment and that each area lies inside one region. Reads used->idx into used_idx.
+ * Returns 0 or VQ_ERR_NOT_READY / VQ_ERR_ADDRESS. */
+int vq_ring_map(struct vq_ring *ring, const struct vq_memory *mem,
+                uint64_t desc_uva, uint64_t avail_uva, uint64_t used_uva);
+
+/* Take the next available chain. Returns 1, 0 (empty) or VQ_ERR_*. */
+int vq_pop(struct vq_ring *ring, const struct vq_memory *mem, struct vq_chain *chain);
+
+/* Put head on the used ring with len bytes written, then publish the new used->idx. */
+int vq_push(struct vq_ring *ring, uint16_t head, uint32_t len);
+
+/* Whether the guest wants an interrupt for what was pushed since the last one. */
+int vq_should_notify(struct vq_ring *ring);
+
+/* vq_push, then write the call eventfd if the guest wants it (call_fd < 0: never).
+ * Returns 1 if notified, 0 if not, VQ_ERR_* on a bad head. */
+int vq_complete(struct vq_ring *ring, uint16_t head, uint32_t len, int call_fd);
+
+/* Kick suppression: enable=0 asks the guest not to kick, enable=1 asks it to kick again.
+ * Returns 1 if new chains arrived meanwhile (re-check after enabling). */
+int vq_set_kicks(struct vq_ring *ring, int enable);
+
+/* Number of chains available and not yet popped (0 if broken/unmapped). */
+int vq_pending(struct vq_ring *ring);
+
+/* Copies across iovec borders, starting `offset` bytes into the list. Return bytes copied. */
+size_t vq_iov_read(const struct vq_iov *iov, uint32_t n, size_t offset, void *dst, size_t len);
+size_t vq_iov_write(const struct vq_iov *iov, uint32_t n, size_t offset, const void *src,
+                    size_t len);
+
+/* preadv/pwritev between file fd at position pos and the iovec list, starting `offset` bytes
+ * into it, at most len bytes. Retries short transfers and EINTR; stops at EOF.
+ * Returns bytes moved or -errno. */
+int64_t vq_iov_preadv(int fd, const struct vq_iov *iov, uint32_t n, size_t offset, size_t len,
+                      int64_t pos);
+int64_t vq_iov_pwritev(int fd, const struct vq_iov *iov, uint32_t n, size_t offset, size_t len,
+                       int64_t pos);

@@ -1,0 +1,269 @@
+"""A vhost-user front-end for tests: plays QEMU's part against a real vhostfs daemon.
+
+It talks to the daemon over its real Unix socket, in the message order observed from QEMU 7.2
+(see the reference notes), with guest RAM in memfds (tests.support.guest) and real eventfds for
+kicks and calls. Tests use it for protocol cases and for chains no real guest driver would
+build; it is not a stand-in for the end-to-end tests with a real guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.guest import DriverRing, GuestMemory
+from vhostfs.vhost import protocol as p
+
+# QEMU's vhost-user-fs acks what the guest acked plus PROTOCOL_FEATURES.
+GUEST_FEATURES = (
+    p.VirtioFeature.VERSION_1 | p.VirtioFeature.RING_INDIRECT_DESC | p.VirtioFeature.RING_EVENT_IDX
+)
+
+
+class DaemonGone(Exception):
+    pass
+
+
+@dataclass
+class Daemon:
+    """A vhostfs daemon process serving a directory on a socket."""
+
+    process: subprocess.Popen[bytes]
+    socket_path: Path
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> int:
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@contextlib.contextmanager
+def running_daemon(shared_dir: Path, workdir: Path, *extra: str) -> Iterator[Daemon]:
+    socket_path = workdir / "vhostfs.sock"
+    log_path = workdir / "daemon.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vhostfs",
+                "serve",
+                "--socket",
+                str(socket_path),
+                "--shared-dir",
+                str(shared_dir),
+                "--log-level",
+                "debug",
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    daemon = Daemon(process, socket_path, log_path)
+    try:
+        deadline = time.monotonic() + 20
+        while not socket_path.exists():
+            if not daemon.alive() or time.monotonic() > deadline:
+                raise DaemonGone(f"daemon did not start:\n{daemon.log()}")
+            time.sleep(0.02)
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+class Frontend:
+    def __init__(
+        self,
+        socket_path: Path,
+        mem: GuestMemory,
+        *,
+        queue_size: int = 128,
+        num_queues: int = 2,
+        features: int = GUEST_FEATURES,
+        reply_ack: bool = True,
+    ) -> None:
+        self.mem = mem
+        self.queue_size = queue_size
+        self.num_queues = num_queues
+        self.features = features | p.VirtioFeature.PROTOCOL_FEATURES
+        self.reply_ack = reply_ack
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(socket_path))
+        self.rings = [DriverRing(mem, queue_size) for _ in range(num_queues)]
+        self.kick_fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(num_queues)]
+        self.call_fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(num_queues)]
+
+    def close(self) -> None:
+        self.sock.close()
+        for fd in self.kick_fds + self.call_fds:
+            os.close(fd)
+
+    # Messages ----------------------------------------------------------------------------------
+
+    def send(
+        self,
+        request: int,
+        payload: bytes = b"",
+        fds: Sequence[int] = (),
+        *,
+        need_reply: bool = False,
+        flags: int | None = None,
+    ) -> None:
+        if flags is None:
+            flags = p.VERSION | (p.FLAG_NEED_REPLY if need_reply else 0)
+        header = p.HEADER.pack(request, flags, len(payload))
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+        # fds travel with the header's first byte, as QEMU sends them.
+        self.sock.sendmsg([header], ancillary if fds else [])
+        if payload:
+            self.sock.sendall(payload)
+
+    def receive(self, request: int) -> bytes:
+        header = self._recv_exact(p.HEADER.size)
+        got, flags, size = p.HEADER.unpack(header)
+        assert got == request, f"reply to {got}, expected {request}"
+        assert flags == p.VERSION | p.FLAG_REPLY
+        return self._recv_exact(size)
+
+    def _recv_exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise DaemonGone("daemon closed the connection")
+            data += chunk
+        return data
+
+    def get_u64(self, request: int) -> int:
+        self.send(request)
+        return int(p.U64.unpack(self.receive(request))[0])
+
+    def set(self, request: int, payload: bytes = b"", fds: Sequence[int] = ()) -> int | None:
+        """Send a request without a reply of its own; with REPLY_ACK, return the ack."""
+        self.send(request, payload, fds, need_reply=self.reply_ack)
+        if self.reply_ack:
+            return int(p.U64.unpack(self.receive(request))[0])
+        return None
+
+    def set_ok(self, request: int, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
+        ack = self.set(request, payload, fds)
+        assert ack in (0, None), f"{p.Request(request).name} refused"
+
+    # QEMU's sequences --------------------------------------------------------------------------
+
+    def init(self) -> None:
+        offered = self.get_u64(p.Request.GET_FEATURES)
+        assert offered & self.features == self.features
+        offered_protocol = self.get_u64(p.Request.GET_PROTOCOL_FEATURES)
+        protocol = offered_protocol & (
+            p.ProtocolFeature.MQ
+            | p.ProtocolFeature.CONFIGURE_MEM_SLOTS
+            | (p.ProtocolFeature.REPLY_ACK if self.reply_ack else 0)
+        )
+        self.send(p.Request.SET_PROTOCOL_FEATURES, p.U64.pack(protocol))
+        assert self.get_u64(p.Request.GET_QUEUE_NUM) >= self.num_queues
+        self.get_u64(p.Request.GET_MAX_MEM_SLOTS)
+        self.set_ok(p.Request.SET_OWNER)
+
+    def start(self, base: int = 0) -> None:
+        for i in range(self.num_queues):
+            self.set_vring_fd(p.Request.SET_VRING_CALL, i, self.call_fds[i])
+        self.set_ok(p.Request.SET_FEATURES, p.U64.pack(self.features))
+        for region in self.mem.regions:
+            payload = p.SINGLE_MEM_REGION.pack(
+                0, region.gpa, region.size, region.uva, region.mmap_offset
+            )
+            self.set_ok(p.Request.ADD_MEM_REG, payload, [region.fd])
+        for i, ring in enumerate(self.rings):
+            self.set_ok(p.Request.SET_VRING_NUM, p.VRING_STATE.pack(i, self.queue_size))
+            self.set_ok(p.Request.SET_VRING_BASE, p.VRING_STATE.pack(i, base))
+            self.set_ok(
+                p.Request.SET_VRING_ADDR,
+                p.VRING_ADDR.pack(
+                    i, 0, ring.desc_uva, ring.used_uva, ring.avail_uva, ring.used_gpa
+                ),
+            )
+            self.set_vring_fd(p.Request.SET_VRING_KICK, i, self.kick_fds[i])
+        for i in range(self.num_queues):
+            self.set_ok(p.Request.SET_VRING_ENABLE, p.VRING_STATE.pack(i, 1))
+
+    def stop(self) -> list[int]:
+        for i in range(self.num_queues):
+            self.set_ok(p.Request.SET_VRING_ENABLE, p.VRING_STATE.pack(i, 0))
+        bases = []
+        for i in range(self.num_queues):
+            self.send(p.Request.GET_VRING_BASE, p.VRING_STATE.pack(i, 0))
+            index, base = p.VRING_STATE.unpack(self.receive(p.Request.GET_VRING_BASE))
+            assert index == i
+            bases.append(base)
+        return bases
+
+    def set_vring_fd(self, request: int, index: int, fd: int) -> None:
+        self.set_ok(request, p.U64.pack(index), [fd])
+
+    # Requests ----------------------------------------------------------------------------------
+
+    def kick(self, queue: int) -> None:
+        os.eventfd_write(self.kick_fds[queue], 1)
+
+    def wait_used(self, queue: int, count: int = 1, timeout: float = 10) -> list[tuple[int, int]]:
+        """Wait until `count` chains come back on the used ring; (head, written) each."""
+        ring = self.rings[queue]
+        entries: list[tuple[int, int]] = []
+        deadline = time.monotonic() + timeout
+        while len(entries) < count:
+            entries += ring.used_entries()
+            if len(entries) >= count:
+                break
+            # Ask for an interrupt at the next completion, as Linux's driver does with EVENT_IDX.
+            ring.used_event = ring.last_used
+            entries += ring.used_entries()
+            if len(entries) >= count:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"queue {queue}: {len(entries)} of {count} chains came back")
+            readable, _, _ = select.select([self.call_fds[queue]], [], [], min(left, 0.2))
+            if readable:
+                os.eventfd_read(self.call_fds[queue])
+        return entries
+
+    def request(
+        self,
+        queue: int,
+        request: bytes,
+        reply_size: int,
+        *,
+        indirect: bool = False,
+        timeout: float = 10,
+    ) -> bytes:
+        """Send one request chain (readable: request, writable: reply_size) and return the reply."""
+        ring = self.rings[queue]
+        head = ring.add_chain([request], [reply_size] if reply_size else [], indirect=indirect)
+        buffers = ring.writable_buffers(head)
+        self.kick(queue)
+        ((used_head, written),) = self.wait_used(queue, 1, timeout)
+        assert used_head == head
+        return b"".join(self.mem.read(gpa, size) for gpa, size in buffers)[:written]

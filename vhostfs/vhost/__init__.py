@@ -1,0 +1,1 @@
+"""The vhost-user side: message codec, backend state machine, guest memory, virtqueues."""
