@@ -114,6 +114,7 @@ class Frontend:
         self.rings = [DriverRing(mem, queue_size) for _ in range(num_queues)]
         self.kick_fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(num_queues)]
         self.call_fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(num_queues)]
+        self._memory_sent = False
 
     def close(self) -> None:
         self.sock.close()
@@ -191,11 +192,13 @@ class Frontend:
         for i in range(self.num_queues):
             self.set_vring_fd(p.Request.SET_VRING_CALL, i, self.call_fds[i])
         self.set_ok(p.Request.SET_FEATURES, p.U64.pack(self.features))
-        for region in self.mem.regions:
+        # QEMU sends ADD_MEM_REG only when the map changed, i.e. at the first start.
+        for region in [] if self._memory_sent else self.mem.regions:
             payload = p.SINGLE_MEM_REGION.pack(
                 0, region.gpa, region.size, region.uva, region.mmap_offset
             )
             self.set_ok(p.Request.ADD_MEM_REG, payload, [region.fd])
+        self._memory_sent = True
         for i, ring in enumerate(self.rings):
             self.set_ok(p.Request.SET_VRING_NUM, p.VRING_STATE.pack(i, self.queue_size))
             self.set_ok(p.Request.SET_VRING_BASE, p.VRING_STATE.pack(i, base))

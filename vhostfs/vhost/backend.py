@@ -107,8 +107,7 @@ class Backend:
         return encode_u64_reply(message.request, 0) if self._acks(message) else None
 
     def _acks(self, message: Message) -> bool:
-        return message.need_reply and bool(
-            self.protocol_features & p.ProtocolFeature.REPLY_ACK)
+        return message.need_reply and bool(self.protocol_features & p.ProtocolFeature.REPLY_ACK)
 
     def shutdown(self) -> None:
         """The front-end is gone: stop the rings and let go of every fd and mapping."""
@@ -266,10 +265,12 @@ class Backend:
             os.close(old)
 
 
-_ALWAYS_REPLY = frozenset({
-    p.Request.GET_FEATURES,
-    p.Request.GET_PROTOCOL_FEATURES,
-    p.Request.GET_VRING_BASE,
-    p.Request.GET_QUEUE_NUM,
-    p.Request.GET_MAX_MEM_SLOTS,
-})
+_ALWAYS_REPLY = frozenset(
+    {
+        p.Request.GET_FEATURES,
+        p.Request.GET_PROTOCOL_FEATURES,
+        p.Request.GET_VRING_BASE,
+        p.Request.GET_QUEUE_NUM,
+        p.Request.GET_MAX_MEM_SLOTS,
+    }
+)

@@ -53,7 +53,9 @@ class Message:
 
     def _expect(self, size: int) -> None:
         if len(self.payload) != size:
-            raise PayloadError(f"{self.name}: payload of {len(self.payload)} bytes, expected {size}")
+            raise PayloadError(
+                f"{self.name}: payload of {len(self.payload)} bytes, expected {size}"
+            )
 
     def u64(self) -> int:
         self._expect(p.U64.size)

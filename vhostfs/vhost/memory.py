@@ -5,6 +5,7 @@ SET_MEM_TABLE is resent at every start). A chain popped before a change still ho
 into the old mappings, so a replaced mapping is retired, not unmapped, until no chain is in flight.
 """
 
+import itertools
 import logging
 import mmap
 import os
@@ -143,8 +144,10 @@ class GuestMemory:
             entry.uva = mapped.region.uva
             entry.hva = mapped.hva
         self.table.nregions = len(self._regions)
-        log.debug("guest memory: %s", ", ".join(
-            f"gpa {m.region.gpa:#x}+{m.region.size:#x}" for m in self._regions))
+        log.debug(
+            "guest memory: %s",
+            ", ".join(f"gpa {m.region.gpa:#x}+{m.region.size:#x}" for m in self._regions),
+        )
 
 
 def _map_all(regions: list[MemRegion], fds: list[int]) -> list[MappedRegion]:
@@ -169,6 +172,6 @@ def _map_all(regions: list[MemRegion], fds: list[int]) -> list[MappedRegion]:
 
 def _check_disjoint(regions: list[MemRegion]) -> None:
     ordered = sorted(regions, key=lambda region: region.gpa)
-    for low, high in zip(ordered, ordered[1:], strict=False):
+    for low, high in itertools.pairwise(ordered):
         if low.gpa + low.size > high.gpa:
             raise PayloadError(f"memory regions at gpa {low.gpa:#x} and {high.gpa:#x} overlap")

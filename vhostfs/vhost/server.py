@@ -49,7 +49,8 @@ async def _receive(conn: socket.socket, reader: MessageReader) -> bool:
     while True:
         try:
             data, fds, flags, _ = socket.recv_fds(
-                conn, reader.header_bytes_missing(), p.MAX_FDS, socket.MSG_DONTWAIT)
+                conn, reader.header_bytes_missing(), p.MAX_FDS, socket.MSG_DONTWAIT
+            )
         except BlockingIOError:
             readable = loop.create_future()
             loop.add_reader(conn.fileno(), readable.set_result, None)
@@ -84,8 +85,13 @@ async def serve_connection(conn: socket.socket, backend: Backend) -> None:
                     log.info("front-end disconnected")
                     return
                 continue
-            log.debug("<- %s flags=%#x size=%d fds=%d", message.name, message.flags,
-                      len(message.payload), len(message.fds))
+            log.debug(
+                "<- %s flags=%#x size=%d fds=%d",
+                message.name,
+                message.flags,
+                len(message.payload),
+                len(message.fds),
+            )
             await backend.before(message)
             reply = backend.handle(message)
             if reply is not None:
@@ -97,8 +103,9 @@ async def serve_connection(conn: socket.socket, backend: Backend) -> None:
         backend.shutdown()
 
 
-async def serve(listener: socket.socket, make_handler: Callable[[], RequestHandler],
-                num_queues: int) -> None:
+async def serve(
+    listener: socket.socket, make_handler: Callable[[], RequestHandler], num_queues: int
+) -> None:
     """Accept one front-end and serve it until it goes away, or until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()

@@ -7,6 +7,7 @@ the front-end sets it up again.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -68,7 +69,10 @@ class Virtqueue:
             return
         inflight = self.ring.inflight  # vq_ring_map starts from an idle ring; ours may not be
         err = lib.vq_ring_map(
-            self.ring, self.memory.table, self.addr.desc_uva, self.addr.avail_uva,
+            self.ring,
+            self.memory.table,
+            self.addr.desc_uva,
+            self.addr.avail_uva,
             self.addr.used_uva,
         )
         self.ring.inflight = inflight
@@ -139,10 +143,8 @@ class Virtqueue:
 
     def _on_kick(self) -> None:
         assert self.kick_fd is not None
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.read(self.kick_fd, 8)
-        except BlockingIOError:
-            pass
         self.process()
 
     def process(self) -> None:
@@ -151,8 +153,9 @@ class Virtqueue:
         while True:
             lib.vq_set_kicks(self.ring, 0)
             while True:
-                chain = self._spare_chains.pop() if self._spare_chains else ffi.new(
-                    "struct vq_chain *")
+                chain = (
+                    self._spare_chains.pop() if self._spare_chains else ffi.new("struct vq_chain *")
+                )
                 got = lib.vq_pop(self.ring, self.memory.table, chain)
                 if got <= 0:
                     self._spare_chains.append(chain)
@@ -194,7 +197,7 @@ class ChainRequest:
         self._chain = chain
         self._writable = chain.iov + chain.nread
         self._done = False
-        self.data = memoryview(ffi.buffer(chain.req, chain.req_len))  # type: ignore[arg-type]
+        self.data = memoryview(ffi.buffer(chain.req, chain.req_len))
         self.readable_len = int(chain.read_len)
         self.writable_len = int(chain.write_len)
 
@@ -202,7 +205,8 @@ class ChainRequest:
         length = max(0, min(length, self.readable_len - offset))
         buf = bytearray(length)
         copied = lib.vq_iov_read(
-            self._chain.iov, self._chain.nread, offset, ffi.from_buffer(buf), length)
+            self._chain.iov, self._chain.nread, offset, ffi.from_buffer(buf), length
+        )
         return bytes(buf[:copied])
 
     def read_to_file(self, offset: int, fd: int, pos: int, length: int) -> int:
@@ -215,8 +219,9 @@ class ChainRequest:
     def write_reply(self, offset: int, data: BytesLike) -> None:
         if offset < 0 or offset + len(data) > self.writable_len:
             raise ValueError(f"reply of {len(data)} bytes at {offset} exceeds the writable part")
-        lib.vq_iov_write(self._writable, self._chain.nwrite, offset, ffi.from_buffer(data),
-                         len(data))
+        lib.vq_iov_write(
+            self._writable, self._chain.nwrite, offset, ffi.from_buffer(data), len(data)
+        )
 
     def reply_from_file(self, offset: int, fd: int, pos: int, length: int) -> int:
         length = max(0, min(length, self.writable_len - offset))
