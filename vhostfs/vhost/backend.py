@@ -49,9 +49,9 @@ class Backend:
         self.owned = False
         self.backend_req_fd: int | None = None
         self._handlers: dict[int, Callable[[Message], Reply]] = {
-            p.Request.GET_FEATURES: lambda m: int(p.OFFERED_FEATURES),
+            p.Request.GET_FEATURES: lambda m: p.OFFERED_FEATURES,
             p.Request.SET_FEATURES: self._set_features,
-            p.Request.GET_PROTOCOL_FEATURES: lambda m: int(p.OFFERED_PROTOCOL_FEATURES),
+            p.Request.GET_PROTOCOL_FEATURES: lambda m: p.OFFERED_PROTOCOL_FEATURES,
             p.Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
             p.Request.SET_OWNER: self._set_owner,
             p.Request.RESET_OWNER: self._reset,

@@ -95,14 +95,16 @@ class ProtocolFeature(enum.IntFlag):
     STATUS = 1 << 16
 
 
-# What we offer. No CONFIG: QEMU 7.2 warns and strips it for fs, and older releases crashed.
-OFFERED_FEATURES = (
+# What we offer, as plain ints: ~ on an IntFlag only covers its named bits, and the point of
+# these masks is to catch bits that have no name here.
+# No CONFIG: QEMU 7.2 warns and strips it for fs, and older releases crashed.
+OFFERED_FEATURES = int(
     VirtioFeature.VERSION_1
     | VirtioFeature.RING_INDIRECT_DESC
     | VirtioFeature.RING_EVENT_IDX
     | VirtioFeature.PROTOCOL_FEATURES
 )
-OFFERED_PROTOCOL_FEATURES = (
+OFFERED_PROTOCOL_FEATURES = int(
     ProtocolFeature.MQ
     | ProtocolFeature.REPLY_ACK
     | ProtocolFeature.RESET_DEVICE
