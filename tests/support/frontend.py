@@ -13,14 +13,13 @@ import os
 import select
 import socket
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.guest import DriverRing, GuestMemory
+from tests.support.vm import DaemonProcess, listening_daemon
 from vhostfs.vhost import protocol as p
 
 # QEMU's vhost-user-fs acks what the guest acked plus PROTOCOL_FEATURES.
@@ -33,63 +32,28 @@ class DaemonGone(Exception):
     pass
 
 
-@dataclass
-class Daemon:
-    """A vhostfs daemon process serving a directory on a socket."""
-
-    process: subprocess.Popen[bytes]
-    socket_path: Path
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> int:
-        if self.alive():
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+Daemon = DaemonProcess
 
 
 @contextlib.contextmanager
-def running_daemon(shared_dir: Path, workdir: Path, *extra: str) -> Iterator[Daemon]:
+def running_daemon(shared_dir: Path, workdir: Path, *extra: str) -> Iterator[DaemonProcess]:
+    """A vhostfs daemon process serving shared_dir on workdir/vhostfs.sock."""
     socket_path = workdir / "vhostfs.sock"
-    log_path = workdir / "daemon.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vhostfs",
-                "serve",
-                "--socket",
-                str(socket_path),
-                "--shared-dir",
-                str(shared_dir),
-                "--log-level",
-                "debug",
-                *extra,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    daemon = Daemon(process, socket_path, log_path)
-    try:
-        deadline = time.monotonic() + 20
-        while not socket_path.exists():
-            if not daemon.alive() or time.monotonic() > deadline:
-                raise DaemonGone(f"daemon did not start:\n{daemon.log()}")
-            time.sleep(0.02)
+    argv = [
+        sys.executable,
+        "-m",
+        "vhostfs",
+        "serve",
+        "--socket",
+        str(socket_path),
+        "--shared-dir",
+        str(shared_dir),
+        "--log-level",
+        "debug",
+        *extra,
+    ]
+    with listening_daemon(argv, socket_path, log_path=workdir / "daemon.log") as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 class Frontend:
