@@ -1,0 +1,130 @@
+"""A base for file systems the guest may only read: every mutation answers EROFS.
+
+ENOSYS would be wrong here: for several opcodes the kernel takes ENOSYS as "not implemented,
+emulate it" (CREATE becomes MKNOD + OPEN, COPY_FILE_RANGE becomes READ + WRITE) and would just
+try again another way, while EROFS tells the application the truth at once.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from vhostfs.fuse.ops import (
+    AttrOut,
+    EntryOut,
+    FileHandle,
+    FuseError,
+    NodeId,
+    OpenOut,
+    Operations,
+    RequestContext,
+    SetattrChanges,
+    WriteData,
+)
+
+
+def _read_only() -> FuseError:
+    return FuseError(errno.EROFS)
+
+
+class ReadOnlyOperations(Operations):
+    """Operations with every mutating method refusing with EROFS."""
+
+    async def setattr(
+        self,
+        node: NodeId,
+        fh: FileHandle | None,
+        changes: SetattrChanges,
+        ctx: RequestContext,
+    ) -> AttrOut:
+        raise _read_only()
+
+    async def mknod(
+        self, parent: NodeId, name: bytes, mode: int, rdev: int, umask: int, ctx: RequestContext
+    ) -> EntryOut:
+        raise _read_only()
+
+    async def mkdir(
+        self, parent: NodeId, name: bytes, mode: int, umask: int, ctx: RequestContext
+    ) -> EntryOut:
+        raise _read_only()
+
+    async def symlink(
+        self, parent: NodeId, name: bytes, target: bytes, ctx: RequestContext
+    ) -> EntryOut:
+        raise _read_only()
+
+    async def link(
+        self, node: NodeId, new_parent: NodeId, new_name: bytes, ctx: RequestContext
+    ) -> EntryOut:
+        raise _read_only()
+
+    async def unlink(self, parent: NodeId, name: bytes, ctx: RequestContext) -> None:
+        raise _read_only()
+
+    async def rmdir(self, parent: NodeId, name: bytes, ctx: RequestContext) -> None:
+        raise _read_only()
+
+    async def rename(
+        self,
+        parent: NodeId,
+        name: bytes,
+        new_parent: NodeId,
+        new_name: bytes,
+        flags: int,
+        ctx: RequestContext,
+    ) -> None:
+        raise _read_only()
+
+    async def create(
+        self,
+        parent: NodeId,
+        name: bytes,
+        mode: int,
+        flags: int,
+        umask: int,
+        ctx: RequestContext,
+    ) -> tuple[EntryOut, OpenOut]:
+        raise _read_only()
+
+    async def tmpfile(
+        self, parent: NodeId, mode: int, flags: int, umask: int, ctx: RequestContext
+    ) -> tuple[EntryOut, OpenOut]:
+        raise _read_only()
+
+    async def write(
+        self,
+        node: NodeId,
+        fh: FileHandle,
+        offset: int,
+        data: WriteData,
+        flags: int,
+        ctx: RequestContext,
+    ) -> int:
+        raise _read_only()
+
+    async def fallocate(
+        self, node: NodeId, fh: FileHandle, offset: int, length: int, mode: int
+    ) -> None:
+        raise _read_only()
+
+    async def copy_file_range(
+        self,
+        node_in: NodeId,
+        fh_in: FileHandle,
+        offset_in: int,
+        node_out: NodeId,
+        fh_out: FileHandle,
+        offset_out: int,
+        length: int,
+        flags: int,
+    ) -> int:
+        raise _read_only()
+
+    async def setxattr(
+        self, node: NodeId, name: bytes, value: bytes, flags: int, ctx: RequestContext
+    ) -> None:
+        raise _read_only()
+
+    async def removexattr(self, node: NodeId, name: bytes, ctx: RequestContext) -> None:
+        raise _read_only()
