@@ -48,7 +48,11 @@ cd /mnt
 for attempt in "echo x > new-file" "echo x >> plain-0.txt" "mkdir new-dir" "rm plain-0.txt" \
                "touch plain-0.txt" "ln -s x new-link" "mv plain-0.txt moved" "chmod 600 plain-0.txt"
 do
-    if sh -c "$attempt" 2>/tmp/err; then echo "ALLOWED: $attempt"; else echo "REFUSED: $attempt: $(cat /tmp/err)"; fi
+    if sh -c "$attempt" 2>/tmp/err; then
+        echo "ALLOWED: $attempt"
+    else
+        echo "REFUSED: $attempt: $(cat /tmp/err)"
+    fi
 done
 """
 
@@ -119,8 +123,16 @@ def share() -> Iterator[Path]:
 def daemon(share: Path) -> Iterator[DaemonProcess]:
     with short_tempdir() as tmp:
         sock = tmp / "vhostfs.sock"
-        argv = [sys.executable, "-m", "vhostfs", "serve", "--socket", str(sock),
-                "--shared-dir", str(share)]
+        argv = [
+            sys.executable,
+            "-m",
+            "vhostfs",
+            "serve",
+            "--socket",
+            str(sock),
+            "--shared-dir",
+            str(share),
+        ]
         with listening_daemon(argv, sock, log_path=tmp / "daemon.log") as d:
             yield d
             log = d.log()

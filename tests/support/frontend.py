@@ -176,6 +176,36 @@ class Frontend:
         for i in range(self.num_queues):
             self.set_ok(p.Request.SET_VRING_ENABLE, p.VRING_STATE.pack(i, 1))
 
+    def init_cloud_hypervisor(self, *, ask_protocol_features: bool = True) -> None:
+        """cloud-hypervisor's connect: SET_OWNER first; a reconnect skips GET_PROTOCOL_FEATURES."""
+        self.send(p.Request.SET_OWNER)
+        assert self.get_u64(p.Request.GET_FEATURES) & self.features == self.features
+        if ask_protocol_features:
+            self.get_u64(p.Request.GET_PROTOCOL_FEATURES)
+        protocol = p.ProtocolFeature.MQ | p.ProtocolFeature.CONFIGURE_MEM_SLOTS
+        protocol |= p.ProtocolFeature.REPLY_ACK
+        # From here on cloud-hypervisor sets NEED_REPLY on every request.
+        self.set_ok(p.Request.SET_PROTOCOL_FEATURES, p.U64.pack(protocol))
+        assert self.get_u64(p.Request.GET_QUEUE_NUM) >= self.num_queues
+
+    def start_cloud_hypervisor(self) -> None:
+        """cloud-hypervisor's activate: the full memory table, and ring bases from guest memory."""
+        self.set_ok(p.Request.SET_FEATURES, p.U64.pack(self.features))
+        table = p.MEM_TABLE_HEAD.pack(len(self.mem.regions), 0) + b"".join(
+            p.MEM_REGION.pack(r.gpa, r.size, r.uva, r.mmap_offset) for r in self.mem.regions
+        )
+        self.set_ok(p.Request.SET_MEM_TABLE, table, self.mem.fds())
+        for i in range(self.num_queues):
+            self.set_ok(p.Request.SET_VRING_NUM, p.VRING_STATE.pack(i, self.queue_size))
+        for i, ring in enumerate(self.rings):
+            addr = p.VRING_ADDR.pack(i, 0, ring.desc_uva, ring.used_uva, ring.avail_uva, 0)
+            self.set_ok(p.Request.SET_VRING_ADDR, addr)
+            self.set_ok(p.Request.SET_VRING_BASE, p.VRING_STATE.pack(i, ring.avail_idx))
+            self.set_vring_fd(p.Request.SET_VRING_CALL, i, self.call_fds[i])
+            self.set_vring_fd(p.Request.SET_VRING_KICK, i, self.kick_fds[i])
+        for i in range(self.num_queues):
+            self.set_ok(p.Request.SET_VRING_ENABLE, p.VRING_STATE.pack(i, 1))
+
     def stop(self) -> list[int]:
         for i in range(self.num_queues):
             self.set_ok(p.Request.SET_VRING_ENABLE, p.VRING_STATE.pack(i, 0))

@@ -141,6 +141,18 @@ def test_malformed_headers_close_the_connection_without_a_traceback(
     fe.close()
 
 
+@pytest.mark.parametrize("reconnect", [False, True], ids=["connect", "reconnect"])
+def test_cloud_hypervisor_sequence(reconnect: bool, daemon: Daemon, mem: GuestMemory) -> None:
+    """NEED_REPLY on everything, SET_MEM_TABLE with CONFIGURE_MEM_SLOTS, bases from the ring, and
+    (on reconnect) SET_PROTOCOL_FEATURES without a GET first."""
+    fe = Frontend(daemon.socket_path, mem)
+    fe.init_cloud_hypervisor(ask_protocol_features=not reconnect)
+    fe.start_cloud_hypervisor()
+    assert error_of(fe.request(1, fuse_init(), 80)) == 0
+    assert error_of(fe.request(1, getattr_root(2), 16 + 104)) == 0
+    fe.close()
+
+
 # Memory --------------------------------------------------------------------------------------
 
 
