@@ -12,6 +12,7 @@ packages=(
     qemu-system-x86 qemu-system-common   # QEMU 7.2 and the reference C virtiofsd
     busybox-static cpio                  # the guest's initramfs
     erofs-utils                          # mkfs/fsck/dump.erofs, the independent format check
+    debootstrap                          # the Debian rootfs the image tests serve
     gcc python3-dev python3-venv         # the cffi extension and the virtual environment
 )
 missing=()

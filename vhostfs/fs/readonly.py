@@ -8,6 +8,8 @@ try again another way, while EROFS tells the application the truth at once.
 from __future__ import annotations
 
 import errno
+import os
+import stat
 
 from vhostfs.fuse.ops import (
     AttrOut,
@@ -128,3 +130,27 @@ class ReadOnlyOperations(Operations):
 
     async def removexattr(self, node: NodeId, name: bytes, ctx: RequestContext) -> None:
         raise _read_only()
+
+
+def check_access(mode: int, uid: int, gid: int, mask: int, ctx: RequestContext) -> None:
+    """access(2) for a read-only file system, from the mode bits alone.
+
+    W_OK is EROFS whatever the bits say; root may read anything and execute what anyone may
+    execute (and search any directory)."""
+    if mask & os.W_OK:
+        raise _read_only()
+    wanted = mask & (os.R_OK | os.X_OK)
+    if not wanted:
+        return
+    if ctx.uid == 0:
+        if mask & os.X_OK and not (mode & 0o111 or stat.S_ISDIR(mode)):
+            raise FuseError(errno.EACCES)
+        return
+    if ctx.uid == uid:
+        granted = (mode >> 6) & 7
+    elif ctx.gid == gid:
+        granted = (mode >> 3) & 7
+    else:
+        granted = mode & 7
+    if granted & wanted != wanted:
+        raise FuseError(errno.EACCES)
