@@ -1,8 +1,9 @@
 """cffi builder for vhostfs._vring (out-of-line API mode).
 
-vring.h is both the C header and the cdef, so the two cannot drift apart. setuptools runs this
-file with the project root as the working directory and wants source paths relative to it;
-run directly (`python csrc/build_ffi.py`, from anywhere) it only test-compiles under build/.
+Each header (vring.h, lz4_block.h) is both the C header and a part of the cdef, so the two cannot
+drift apart. setuptools runs this file with the project root as the working directory and wants
+source paths relative to it; run directly (`python csrc/build_ffi.py`, from anywhere) it only
+test-compiles under build/.
 """
 
 import os
@@ -20,17 +21,25 @@ def _rel(path: str) -> str:
     return path
 
 
-with open(os.path.join(_HERE, "vring.h"), encoding="utf-8") as _f:
-    _CDEF = _f.read()
+_HEADERS = ["vring.h", "lz4_block.h"]
+_SOURCES = ["vring.c", "lz4_block.c"]
+
+
+def _read(name: str) -> str:
+    with open(os.path.join(_HERE, name), encoding="utf-8") as f:
+        return f.read()
+
+
+_CDEF = "\n".join(_read(name) for name in _HEADERS)
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(_CDEF)
 ffibuilder.set_source(
     "vhostfs._vring",
-    '#include "vring.h"',
-    sources=[_rel(os.path.join(_HERE, "vring.c"))],
+    "\n".join(f'#include "{name}"' for name in _HEADERS),
+    sources=[_rel(os.path.join(_HERE, name)) for name in _SOURCES],
     include_dirs=[_rel(_HERE)],
-    depends=[_rel(os.path.join(_HERE, "vring.h"))],
+    depends=[_rel(os.path.join(_HERE, name)) for name in _HEADERS],
     extra_compile_args=[
         "-O2",
         "-D_FORTIFY_SOURCE=2",
