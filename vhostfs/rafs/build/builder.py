@@ -1,0 +1,128 @@
+"""Building an image: sources -> tree -> chunks in one blob -> bootstrap.
+
+The output directory gets `bootstrap` and one blob named by its id (the sha256 of the blob
+file). A tree with no file data gets no blob, as with nydus-image: a device slot may not be
+empty. Both files are written under temporary names and renamed into place, so an interrupted
+build leaves no half-written image under the final names.
+
+The same sources and options always give the same bytes: entries are sorted, times come from
+the sources, and parallel compression is written back in order.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from vhostfs.rafs import layout as L
+from vhostfs.rafs.build.blob_writer import BlobSummary, BlobWriter, Chunk
+from vhostfs.rafs.build.bootstrap import ImageSettings, write_bootstrap
+from vhostfs.rafs.build.chunker import Chunker
+from vhostfs.rafs.build.compression import BUILD_COMPRESSORS
+from vhostfs.rafs.build.errors import BuildError
+from vhostfs.rafs.build.progress import Progress
+from vhostfs.rafs.build.source import Spool, load_sources
+from vhostfs.rafs.build.tree import Node, display, number_inodes
+from vhostfs.rafs.chunk import Compressor, Digester
+
+BOOTSTRAP_NAME = "bootstrap"
+DEFAULT_CHUNK_SIZE = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class BuildOptions:
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    compressor: Compressor = Compressor.ZSTD
+    digester: Digester = Digester.BLAKE3
+    workers: int = min(4, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, slots=True)
+class BuildResult:
+    bootstrap: Path
+    bootstrap_size: int
+    blob: BlobSummary | None
+    inode_count: int
+    file_bytes: int  # content of every regular file, each hard-linked file once
+    deduplicated_bytes: int  # of those, bytes that repeated an earlier chunk
+
+
+def check_options(options: BuildOptions) -> None:
+    size = options.chunk_size
+    if size & (size - 1) or not L.MIN_CHUNK_SIZE <= size <= L.MAX_CHUNK_SIZE:
+        raise BuildError(f"chunk size {size}: must be a power of two from 4 KiB to 16 MiB")
+    if options.compressor not in BUILD_COMPRESSORS:
+        raise BuildError(f"compressor {options.compressor.value}: not supported for building")
+    if options.workers < 1:
+        raise BuildError(f"workers {options.workers}: at least one is needed")
+
+
+def build_image(
+    sources: Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    options: BuildOptions = BuildOptions(),
+    progress_stream: TextIO | None = None,
+) -> BuildResult:
+    """Build `sources` (applied in order) into `output`; BuildError when they cannot be."""
+    check_options(options)
+    if not sources:
+        raise BuildError("no sources given")
+    outdir = Path(output)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        with Spool(outdir) as spool:
+            return _build(sources, outdir, options, spool, progress_stream)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        raise BuildError(f"{where}{e.strerror or e}") from None
+
+
+def _build(
+    sources: Sequence[str | os.PathLike[str]],
+    outdir: Path,
+    options: BuildOptions,
+    spool: Spool,
+    progress_stream: TextIO | None,
+) -> BuildResult:
+    root = load_sources(sources, spool, skip=outdir)
+    inodes = number_inodes(root)
+    files = [inode for inode in inodes if inode.node.kind == stat.S_IFREG]
+    file_bytes = sum(inode.node.size for inode in files)
+    settings = ImageSettings(options.chunk_size, options.compressor, options.digester)
+
+    blob_writer = BlobWriter(outdir, options.compressor, options.compressor is Compressor.NONE)
+    try:
+        file_chunks: dict[Node, list[Chunk]] = {}
+        with (
+            Progress(file_bytes, "build", progress_stream) as progress,
+            Chunker(
+                blob_writer,
+                options.chunk_size,
+                options.compressor,
+                options.digester,
+                progress,
+                options.workers,
+            ) as chunker,
+        ):
+            for inode in files:
+                if inode.node.data is not None:
+                    file_chunks[inode.node] = chunker.add_file(inode.node.data, display(inode.path))
+            chunks = chunker.finish()
+            deduplicated = chunker.deduplicated_bytes
+            uncompressed_size = chunker.uncompressed_size
+        blob = blob_writer.finish(chunks, uncompressed_size) if chunks else None
+    finally:
+        blob_writer.discard()  # only removes the file when finish() did not rename it
+
+    bootstrap = outdir / BOOTSTRAP_NAME
+    partial = outdir / f".{BOOTSTRAP_NAME}.partial"
+    try:
+        size = write_bootstrap(partial, inodes, file_chunks, chunks, blob, settings)
+        os.replace(partial, bootstrap)
+    finally:
+        partial.unlink(missing_ok=True)
+    return BuildResult(bootstrap, size, blob, len(inodes), file_bytes, deduplicated)
