@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.rafs.test_build_support import SMALL_CHUNK, build, run_vhostfs
+from tests.rafs.build_support import SMALL_CHUNK, build, run_vhostfs
 from vhostfs.rafs import open_image
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.rafs.test_build_support import (
+from tests.rafs.build_support import (
     IS_ROOT,
     assert_same_tree,
     make_rootfs_tree,

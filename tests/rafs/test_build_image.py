@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.rafs.images import V6_BLOB_ID, V6_DIR
-from tests.rafs.test_build_support import (
+from tests.rafs.build_support import (
     IS_ROOT,
     SMALL_CHUNK,
     Entry,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from tests.rafs.test_build_support import build, run_vhostfs
+from tests.rafs.build_support import build, run_vhostfs
 from vhostfs.rafs import BlobStore, open_image
 from vhostfs.rafs.build import BuildError
 from vhostfs.rafs.build.source import Spool, load_sources

@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.rafs.test_build_support import (
+from tests.rafs.build_support import (
     IS_ROOT,
     assert_same_tree,
     build,
