@@ -8,13 +8,19 @@
  *   - ordering against the guest uses GCC __atomic builtins: acquire when we read an index the
  *     guest publishes, release when we publish used->idx, and a full fence where a store of
  *     ours must be visible before we read a guest field (notification and kick decisions).
- * The Python side owns the locking: one thread drives a ring at a time.
+ * The Python side owns the locking: one thread drives a ring at a time. The one other thread,
+ * the READ helper (vq_offload_*), only reads files into guest buffers of chains the caller has
+ * handed it; it never touches ring state, and the caller waits for it before pushing them.
  */
 
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -111,6 +117,7 @@ const char *vq_strerror(int err)
     case VQ_ERR_TOO_MANY_IOV: return "descriptor chain needs too many iovecs";
     case VQ_ERR_INUSE: return "more chains in flight than the queue size";
     case VQ_ERR_USED_HEAD: return "used head out of range or nothing in flight";
+    case VQ_REPLY_TOO_LONG: return "reply larger than the writable part of the chain";
     default: return "unknown vring error";
     }
 }
@@ -399,6 +406,11 @@ int vq_complete(struct vq_ring *ring, uint16_t head, uint32_t len, int call_fd)
     int rc = vq_push(ring, head, len);
     if (rc < 0)
         return rc;
+    return vq_notify(ring, call_fd);
+}
+
+int vq_notify(struct vq_ring *ring, int call_fd)
+{
     /* Decide even without a call fd, so the event-idx bookkeeping stays in step. */
     if (!vq_should_notify(ring) || call_fd < 0)
         return 0;
@@ -413,6 +425,207 @@ int vq_complete(struct vq_ring *ring, uint16_t head, uint32_t len, int call_fd)
         /* EAGAIN: the eventfd counter is saturated, so an interrupt is pending anyway. */
         return w < 0 && errno == EAGAIN ? 1 : 0;
     }
+}
+
+int vq_reply(struct vq_ring *ring, const struct vq_chain *chain, const void *data, uint32_t len,
+             int notify, int call_fd)
+{
+    if (len > chain->write_len)
+        return VQ_REPLY_TOO_LONG;
+    vq_iov_write(chain->iov + chain->nread, chain->nwrite, 0, data, len);
+    int rc = vq_push(ring, chain->head, len);
+    if (rc < 0 || !notify)
+        return rc;
+    return vq_notify(ring, call_fd);
+}
+
+/* fuse_out_header, as the kernel lays it out (little-endian). */
+struct out_header {
+    uint32_t len;
+    int32_t error;
+    uint64_t unique;
+};
+_Static_assert(sizeof(struct out_header) == 16, "fuse_out_header is 16 bytes");
+
+int64_t vq_reply_preadv(struct vq_ring *ring, const struct vq_chain *chain, int fd, int64_t pos,
+                        uint32_t size, uint64_t unique, int notify, int call_fd)
+{
+    const struct vq_iov *writable = chain->iov + chain->nread;
+    struct out_header header = {0, 0, unique};
+
+    if (chain->write_len < sizeof header)
+        return VQ_REPLY_RING_ERROR + VQ_REPLY_TOO_LONG;
+    if (size > chain->write_len - sizeof header)
+        size = chain->write_len - (uint32_t)sizeof header;
+    int64_t got = 0;
+    if (size > 0) {
+        got = vq_iov_preadv(fd, writable, chain->nwrite, sizeof header, size, pos);
+        if (got < 0)
+            return got;
+    }
+    header.len = (uint32_t)(sizeof header + (uint64_t)got);
+    vq_iov_write(writable, chain->nwrite, 0, &header, sizeof header);
+    int rc = vq_push(ring, chain->head, header.len);
+    if (rc < 0)
+        return VQ_REPLY_RING_ERROR + rc;
+    if (notify)
+        vq_notify(ring, call_fd);
+    return got;
+}
+
+/* ---- offloaded READ replies ---- */
+
+struct offload_job {
+    const struct vq_chain *chain;
+    int fd; /* our own dup, closed by whoever runs the job */
+    int64_t pos;
+    uint32_t size;
+    uint64_t unique;
+    int64_t result;     /* bytes read or -errno */
+    uint32_t reply_len; /* what to push */
+};
+
+/* The queue: the caller fills jobs[queued % max] and then publishes queued + 1; both threads
+ * claim jobs by advancing claimed with a CAS; done counts finished jobs. The three counters only
+ * grow (wrapping), so a stale claim attempt can never succeed on a job already run; the caller
+ * starts each batch at base, and a batch holds at most VQ_OFFLOAD_MAX jobs. */
+static struct offload_job jobs[VQ_OFFLOAD_MAX];
+static uint32_t queued, claimed, done, base;
+static uint32_t helper_sleeping, caller_waiting; /* futex words */
+static int helper_started;
+
+static long futex(uint32_t *word, int op, uint32_t value)
+{
+    return syscall(SYS_futex, word, op, value, NULL, NULL, 0);
+}
+
+static void run_job(struct offload_job *job)
+{
+    const struct vq_chain *chain = job->chain;
+    const struct vq_iov *writable = chain->iov + chain->nread;
+    struct out_header header = {0, 0, job->unique};
+    uint32_t size = job->size;
+
+    if (size > chain->write_len - sizeof header) /* write_len >= 16: checked when queued */
+        size = chain->write_len - (uint32_t)sizeof header;
+    int64_t got = 0;
+    if (size > 0)
+        got = vq_iov_preadv(job->fd, writable, chain->nwrite, sizeof header, size, job->pos);
+    close(job->fd);
+    if (got < 0) {
+        header.len = sizeof header;
+        header.error = (int32_t)got;
+    } else {
+        header.len = (uint32_t)(sizeof header + (uint64_t)got);
+    }
+    vq_iov_write(writable, chain->nwrite, 0, &header, sizeof header);
+    job->result = got;
+    job->reply_len = header.len;
+}
+
+/* Claim and run queued jobs until none is left unclaimed. */
+static void run_jobs(void)
+{
+    for (;;) {
+        uint32_t have = __atomic_load_n(&queued, __ATOMIC_ACQUIRE);
+        uint32_t next = __atomic_load_n(&claimed, __ATOMIC_RELAXED);
+        if (next == have)
+            return;
+        if (!__atomic_compare_exchange_n(&claimed, &next, next + 1, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_RELAXED))
+            continue;
+        run_job(&jobs[next % VQ_OFFLOAD_MAX]);
+        __atomic_add_fetch(&done, 1, __ATOMIC_RELEASE);
+        if (__atomic_load_n(&caller_waiting, __ATOMIC_SEQ_CST))
+            futex(&done, FUTEX_WAKE_PRIVATE, 1);
+    }
+}
+
+static void *helper_main(void *arg)
+{
+    (void)arg;
+    for (;;) {
+        run_jobs();
+        /* Sleep until the caller queues more: announce, re-check, wait. */
+        __atomic_store_n(&helper_sleeping, 1, __ATOMIC_SEQ_CST);
+        uint32_t have = __atomic_load_n(&queued, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&claimed, __ATOMIC_SEQ_CST) == have)
+            futex(&queued, FUTEX_WAIT_PRIVATE, have);
+        __atomic_store_n(&helper_sleeping, 0, __ATOMIC_SEQ_CST);
+    }
+    return NULL;
+}
+
+int vq_offload_start(void)
+{
+    if (helper_started)
+        return 0;
+    pthread_attr_t attr;
+    pthread_t thread;
+    int rc = pthread_attr_init(&attr);
+    if (rc)
+        return -rc;
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    rc = pthread_create(&thread, &attr, helper_main, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc)
+        return -rc;
+    helper_started = 1;
+    return 0;
+}
+
+int vq_offload_read(const struct vq_chain *chain, int fd, int64_t pos, uint32_t size,
+                    uint64_t unique)
+{
+    uint32_t n = queued; /* only this thread writes it */
+    if (!helper_started || n - base >= VQ_OFFLOAD_MAX ||
+        chain->write_len < sizeof(struct out_header))
+        return -1;
+    int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (own < 0)
+        return -1;
+    jobs[n % VQ_OFFLOAD_MAX] = (struct offload_job){chain, own, pos, size, unique, 0, 0};
+    __atomic_store_n(&queued, n + 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&helper_sleeping, __ATOMIC_SEQ_CST))
+        futex(&queued, FUTEX_WAKE_PRIVATE, 1);
+    return (int)(n + 1 - base);
+}
+
+int vq_offload_busy(void)
+{
+    return queued != base;
+}
+
+int vq_offload_finish(struct vq_ring *ring, int64_t *results)
+{
+    uint32_t n = queued;
+    if (n == base)
+        return 0;
+    run_jobs(); /* help with what the helper has not started */
+    /* Wait for the helper's last job: spin briefly (it is copying), then sleep. */
+    for (int spin = 0; __atomic_load_n(&done, __ATOMIC_ACQUIRE) != n; spin++) {
+        if (spin < 2000) {
+            __builtin_ia32_pause();
+            continue;
+        }
+        __atomic_store_n(&caller_waiting, 1, __ATOMIC_SEQ_CST);
+        uint32_t seen = __atomic_load_n(&done, __ATOMIC_SEQ_CST);
+        if (seen != n)
+            futex(&done, FUTEX_WAIT_PRIVATE, seen);
+        __atomic_store_n(&caller_waiting, 0, __ATOMIC_SEQ_CST);
+    }
+    int rc = (int)(n - base);
+    for (uint32_t i = 0; base + i != n; i++) {
+        const struct offload_job *job = &jobs[(base + i) % VQ_OFFLOAD_MAX];
+        if (results)
+            results[i] = job->result;
+        int err = vq_push(ring, job->chain->head, job->reply_len);
+        if (err < 0 && rc > 0)
+            rc = err;
+    }
+    base = n;
+    return rc;
 }
 
 /* ---- kick suppression ---- */
@@ -438,6 +651,20 @@ int vq_set_kicks(struct vq_ring *ring, int enable)
      * add an entry without kicking while we miss it here. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return load16_acquire(AVAIL_IDX(ring)) != ring->last_avail;
+}
+
+int vq_pop_or_arm(struct vq_ring *ring, const struct vq_memory *mem, struct vq_chain *chain)
+{
+    /* At most two rounds: vq_set_kicks(ring, 1) only reports news when avail->idx moved, and
+     * then vq_pop takes a chain or fails. */
+    for (;;) {
+        int rc = vq_pop(ring, mem, chain);
+        if (rc != 0)
+            return rc;
+        if (!vq_set_kicks(ring, 1))
+            return 0;
+        vq_set_kicks(ring, 0);
+    }
 }
 
 int vq_pending(struct vq_ring *ring)

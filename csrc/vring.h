@@ -34,6 +34,8 @@
 #define VQ_ERR_TOO_MANY_IOV -12   /* more than VQ_MAX_IOV iovecs */
 #define VQ_ERR_INUSE -13          /* more chains in flight than the queue size */
 #define VQ_ERR_USED_HEAD -14      /* vq_push of a head that is not in flight range */
+#define VQ_REPLY_TOO_LONG -15     /* vq_reply*: the reply does not fit the writable part */
+#define VQ_REPLY_RING_ERROR -100000 /* vq_reply_preadv: added to a ring-level failure code */
 
 /* One guest RAM region, sorted by gpa in vq_memory. hva is where gpa is mapped in this process. */
 struct vq_region {
@@ -109,6 +111,56 @@ int vq_should_notify(struct vq_ring *ring);
 /* vq_push, then write the call eventfd if the guest wants it (call_fd < 0: never).
  * Returns 1 if notified, 0 if not, VQ_ERR_* on a bad head. */
 int vq_complete(struct vq_ring *ring, uint16_t head, uint32_t len, int call_fd);
+
+/* Send the guest an interrupt for what was pushed since the last decision, if it wants one
+ * (call_fd < 0: decide, but never write). Lets a caller push many chains, then notify once.
+ * Returns 1 if notified, 0 if not. */
+int vq_notify(struct vq_ring *ring, int call_fd);
+
+/* Reply in one call: copy len bytes (fuse_out_header and payload) to the start of the chain's
+ * writable part, push the head with len written, then, if notify, do what vq_notify does.
+ * Returns 0/1 as vq_notify (0 when !notify), VQ_REPLY_TOO_LONG (nothing done) if len exceeds
+ * the writable part, or a VQ_ERR_* from the push. */
+int vq_reply(struct vq_ring *ring, const struct vq_chain *chain, const void *data, uint32_t len,
+             int notify, int call_fd);
+
+/* A READ reply in one call: preadv up to size bytes of fd at pos into the writable part after
+ * the 16-byte fuse_out_header, write that header (len = 16 + bytes read, error 0, unique),
+ * push and maybe notify as vq_reply. On a read error nothing is written or pushed and -errno
+ * is returned (the caller answers with an error); a short read at end of file is a success.
+ * Returns bytes read (>= 0), -errno, or VQ_REPLY_RING_ERROR plus VQ_REPLY_TOO_LONG (the header
+ * does not fit; nothing done) or plus a VQ_ERR_* from the push, so it cannot look like -errno. */
+int64_t vq_reply_preadv(struct vq_ring *ring, const struct vq_chain *chain, int fd, int64_t pos,
+                        uint32_t size, uint64_t unique, int notify, int call_fd);
+
+/* vq_pop, and when the ring is empty, ask the guest to kick again (vq_set_kicks(ring, 1)) and
+ * re-check, as a device loop does before it sleeps. Chains that arrived meanwhile are taken with
+ * kicks off again (vq_set_kicks(ring, 0)). Returns as vq_pop: 1, 0 (empty, kicks on) or
+ * VQ_ERR_*. */
+int vq_pop_or_arm(struct vq_ring *ring, const struct vq_memory *mem, struct vq_chain *chain);
+
+/* Offloaded READ replies: a helper thread copies file data into guest memory while the caller
+ * goes on decoding the next requests, so Python work and memory copies overlap when the guest
+ * queues several READs. The helper never touches the ring: the caller pushes in
+ * vq_offload_finish. One caller thread (the event loop) and one helper per process.
+ *
+ * vq_offload_start starts the helper once; 0 or -errno.
+ * vq_offload_read queues "vq_reply_preadv without the push" for chain: the helper reads into
+ * the writable part after the header, then writes the header (len = 16 + bytes read, or
+ * len = 16 and error = -errno if nothing could be read). fd is duplicated, so the caller may
+ * close it at once. Returns the number of queued jobs, or -1 (queue full, no helper, or dup
+ * failed): then the caller replies itself. The chain must stay untouched until finish.
+ * vq_offload_busy: whether jobs are queued and not finished.
+ * vq_offload_finish waits for (and helps with) every queued job, then pushes each chain in
+ * queue order with its reply length, and stores each job's bytes read or -errno in results
+ * (room for every queued job; NULL: not wanted). Does not notify. Returns the number of jobs finished, or a
+ * VQ_ERR_* from a push (every job is finished all the same; results stay valid). */
+#define VQ_OFFLOAD_MAX 1024
+int vq_offload_start(void);
+int vq_offload_read(const struct vq_chain *chain, int fd, int64_t pos, uint32_t size,
+                    uint64_t unique);
+int vq_offload_busy(void);
+int vq_offload_finish(struct vq_ring *ring, int64_t *results);
 
 /* Kick suppression: enable=0 asks the guest not to kick, enable=1 asks it to kick again.
  * Returns 1 if new chains arrived meanwhile (re-check after enabling). */

@@ -163,6 +163,13 @@ class Passthrough(ReadOnlyOperations):
                 raise FuseError(errno.EACCES)
             return self._entry(self.inodes.recount(known), st)
         try:
+            # The guest mostly looks up names it has seen before: an lstat finds an inode we
+            # already pin without opening (and closing) a descriptor. That inode cannot have
+            # been replaced by another with the same number: our O_PATH descriptor holds it.
+            st = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
+            known = self.inodes.find((st.st_dev, st.st_ino))
+            if known is not None:
+                return self._entry(self.inodes.recount(known), st)
             fd = os.open(name, _O_LOOKUP, dir_fd=directory.fd)
         except FileNotFoundError:
             if self.timeout == 0:
@@ -170,7 +177,7 @@ class Passthrough(ReadOnlyOperations):
             # A negative entry lets the guest cache the miss for as long as a hit.
             return EntryOut(NodeId(0), Attr(st_ino=0, st_mode=0), self.timeout, 0.0)
         try:
-            st = os.fstat(fd)
+            st = os.fstat(fd)  # the name may have changed since the lstat: trust the descriptor
         except OSError:
             os.close(fd)
             raise

@@ -20,6 +20,7 @@ NO_REPLY: Final = None
 Reply: TypeAlias = bytes | bytearray | FileSlice | None
 
 _OFFSET_MAX: Final = (1 << 63) - 1
+_NAME_MAX: Final = abi.NAME_MAX
 
 
 @dataclass(slots=True)
@@ -81,11 +82,19 @@ def cstring(args: memoryview, start: int, limit: int, too_long: int) -> tuple[by
 
 
 def name_arg(args: memoryview, start: int = 0) -> tuple[bytes, int]:
-    """A single path component; a '/' in it is never legitimate."""
-    name, after = cstring(args, start, abi.NAME_MAX, errno.ENAMETOOLONG)
+    """A single path component; a '/' in it is never legitimate.
+
+    cstring(args, start, NAME_MAX, ENAMETOOLONG) spelled out: it runs for every LOOKUP."""
+    raw = args[start:].tobytes()
+    end = raw.find(0)
+    if end <= 0:  # no terminator, or empty
+        raise FuseError(errno.EINVAL)
+    if end > _NAME_MAX:
+        raise FuseError(errno.ENAMETOOLONG)
+    name = raw[:end]
     if b"/" in name:
         raise FuseError(errno.EINVAL)
-    return name, after
+    return name, start + end + 1
 
 
 def xattr_name_arg(args: memoryview, start: int) -> tuple[bytes, int]:

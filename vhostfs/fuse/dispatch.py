@@ -7,7 +7,8 @@ Life of one request in `Dispatcher.handle`:
 2. Run the opcode's handler coroutine inline with `send(None)`. Most finish without suspending;
    their reply is written before handle() returns. A handler that suspends on a real future is
    continued by an asyncio Task and replies later, out of order.
-3. Reply: header + payload (or READ data straight from a file), then complete() exactly once.
+3. Reply: header + payload (or READ data straight from a file), then complete() exactly once;
+   a transport whose requests have send_reply/send_file_reply does all of it in one step.
    Requests without a reply (FORGET, BATCH_FORGET, INTERRUPT) are completed with 0 bytes.
 
 handle() must be called on the event loop's thread and never raises for anything the guest
@@ -20,15 +21,15 @@ import asyncio
 import errno
 import logging
 import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from vhostfs.fuse import abi, negotiate
 from vhostfs.fuse.abi import Opcode
 from vhostfs.fuse.call import Call, Reply
 from vhostfs.fuse.handlers import SPECS
-from vhostfs.fuse.ops import ConnInfo, FileSlice, FuseError, NodeId, Operations, RequestContext
+from vhostfs.fuse.ops import ConnInfo, FileSlice, FuseError, Operations, RequestContext
 from vhostfs.fuse.transport import GuestRequest
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,21 @@ _DESTROY: Final = int(Opcode.DESTROY)
 _WRITE: Final = int(Opcode.WRITE)
 
 _Work = Coroutine[Any, Any, Reply]
+_unpack_header: Final = abi.IN_HEADER.unpack_from
+_pack_out: Final = abi.OUT_HEADER.pack
+_CONTEXTS_KEPT: Final = 256  # distinct (uid, gid, pid) request contexts kept for reuse
+
+# Per request type: its FastGuestRequest methods (send_reply, send_file_reply), or None if it
+# has not got them. Looked up once per type, then called unbound.
+_Fast: TypeAlias = tuple[Callable[[Any, bytes], None], Callable[[Any, int, int, int, int], None]]
+_FAST_REPLIES: dict[type, _Fast | None] = {}
+
+
+def _fast_replies(kind: type) -> _Fast | None:
+    send, send_file = getattr(kind, "send_reply", None), getattr(kind, "send_file_reply", None)
+    fast = (send, send_file) if callable(send) and callable(send_file) else None
+    _FAST_REPLIES[kind] = fast
+    return fast
 
 
 class Dispatcher:
@@ -59,6 +75,7 @@ class Dispatcher:
         self._conn: ConnInfo | None = None  # None until INIT succeeds, and again after DESTROY
         self._running: dict[int, set[asyncio.Task[Reply]]] = {}
         self._idle_waiters: list[asyncio.Future[None]] = []
+        self._contexts: dict[tuple[int, int, int], RequestContext] = {}
 
     @property
     def conn(self) -> ConnInfo | None:
@@ -95,7 +112,19 @@ class Dispatcher:
             return
         if admitted is not None:
             opcode, unique, work = admitted
-            self._run(req, queue, opcode, unique, work)
+            # Run the handler inline; most finish without suspending.
+            try:
+                suspended_on = work.send(None)
+            except StopIteration as done:
+                self._send(req, unique, done.value)
+                return
+            except Exception as exc:
+                self._send_failure(req, opcode, unique, exc)
+                return
+            except BaseException:
+                self._send_failure(req, opcode, unique, FuseError(errno.EINTR))
+                raise
+            self._suspended(req, queue, opcode, unique, work, suspended_on)
 
     # Admission.
 
@@ -107,20 +136,22 @@ class Dispatcher:
             log.debug("request shorter than fuse_in_header (%d bytes)", total)
             self._reply_error(req, 0, errno.EINVAL)
             return None
-        length, opcode, unique, node, uid, gid, pid, ext_units, _ = abi.IN_HEADER.unpack_from(data)
+        length, opcode, unique, node, uid, gid, pid, ext_units, _ = _unpack_header(data)
         spec = _SPECS.get(opcode)
         replies = spec is None or spec.replies
         err = 0
-        if replies and req.writable_len < _OUT:
-            log.warning("opcode %d: no room for a reply (%d bytes)", opcode, req.writable_len)
+        writable_len = req.writable_len
+        if replies and writable_len < _OUT:
+            log.warning("opcode %d: no room for a reply (%d bytes)", opcode, writable_len)
             req.complete(0)
             return None
         args_len = length - _HEADER - ext_units * 8
-        room = req.writable_len - _OUT
+        room = writable_len - _OUT
+        conn = self._conn
         if length != total:
             log.debug("opcode %d: header len %d but %d bytes readable", opcode, length, total)
             err = errno.EINVAL
-        elif self._conn is None and opcode != _INIT:
+        elif conn is None and opcode != _INIT:
             err = errno.EIO
         elif args_len < 0:
             err = errno.EINVAL
@@ -140,28 +171,34 @@ class Dispatcher:
                 args_len -= payload_len
             args = None
             if spec.min_args <= args_len <= _MAX_ARGS:
-                args = self._read_args(req, args_len)
+                end = _HEADER + args_len
+                if end <= len(data):  # the common case: _read_args, inlined
+                    args = memoryview(data[_HEADER:end].tobytes())
+                else:
+                    args = self._read_args(req, args_len)
             if args is None:
                 err = errno.EINVAL
             elif replies and room < spec.reply_size:
                 err = errno.ERANGE
             else:
-                assert self._conn is not None
-                call = Call(
-                    req=req,
-                    node=NodeId(node),
-                    ctx=RequestContext(uid, gid, pid),
-                    args=args,
-                    payload_len=payload_len,
-                    room=room,
-                    max_write=self._conn.max_write,
-                )
+                assert conn is not None
+                # Requests from one guest process share a context: reuse it.
+                ctx = self._contexts.get((uid, gid, pid))
+                if ctx is None:
+                    ctx = self._context(uid, gid, pid)
+                call = Call(req, node, ctx, args, payload_len, room, conn.max_write)
                 return opcode, unique, spec.handler(self._ops, call)
         if replies:
             self._reply_error(req, unique, err)
         else:
             req.complete(0)
         return None
+
+    def _context(self, uid: int, gid: int, pid: int) -> RequestContext:
+        if len(self._contexts) >= _CONTEXTS_KEPT:
+            self._contexts.clear()
+        ctx = self._contexts[(uid, gid, pid)] = RequestContext(uid, gid, pid)
+        return ctx
 
     @staticmethod
     def _read_args(req: GuestRequest, size: int) -> memoryview | None:
@@ -205,18 +242,16 @@ class Dispatcher:
 
     # Running.
 
-    def _run(self, req: GuestRequest, queue: int, opcode: int, unique: int, work: _Work) -> None:
-        try:
-            suspended_on = work.send(None)
-        except StopIteration as done:
-            self._send(req, unique, done.value)
-            return
-        except Exception as exc:
-            self._send_failure(req, opcode, unique, exc)
-            return
-        except BaseException:
-            self._send_failure(req, opcode, unique, FuseError(errno.EINTR))
-            raise
+    def _suspended(
+        self,
+        req: GuestRequest,
+        queue: int,
+        opcode: int,
+        unique: int,
+        work: _Work,
+        suspended_on: Any,
+    ) -> None:
+        """The handler awaited a real future: an asyncio Task carries it on."""
         try:
             task = asyncio.get_running_loop().create_task(_finish_later(work, suspended_on))
         except RuntimeError:
@@ -251,6 +286,24 @@ class Dispatcher:
         if reply is None:
             req.complete(0)
             return
+        kind = type(req)
+        fast = _FAST_REPLIES[kind] if kind in _FAST_REPLIES else _fast_replies(kind)
+        if fast is not None:
+            # The transport writes the whole reply and completes in one step.
+            if isinstance(reply, FileSlice):
+                if reply.size >= 0:
+                    try:
+                        fast[1](req, unique, reply.fd, reply.pos, reply.size)
+                    except OSError as exc:
+                        self._reply_error(req, unique, exc.errno or errno.EIO)
+                    return
+            else:
+                total = _OUT + len(reply)
+                if total > req.writable_len:
+                    self._reply_error(req, unique, errno.ERANGE)
+                    return
+                fast[0](req, _pack_out(total, 0, unique) + reply)
+                return
         try:
             if isinstance(reply, FileSlice):
                 got = 0
@@ -296,6 +349,11 @@ class Dispatcher:
         if req.writable_len < _OUT:
             log.warning("no room to report errno %d for unique %d", err, unique)
             req.complete(0)
+            return
+        kind = type(req)
+        fast = _FAST_REPLIES[kind] if kind in _FAST_REPLIES else _fast_replies(kind)
+        if fast is not None:
+            fast[0](req, _pack_out(_OUT, -err, unique))
             return
         try:
             req.write_reply(0, abi.OUT_HEADER.pack(_OUT, -err, unique))

@@ -84,19 +84,21 @@ class Attr:
 
     @classmethod
     def from_stat(cls, st: os.stat_result) -> Attr:
+        # Positional, in field order: a keyword call costs about twice as much, on every
+        # LOOKUP and GETATTR.
         return cls(
-            st_ino=st.st_ino,
-            st_mode=st.st_mode,
-            st_nlink=st.st_nlink,
-            st_uid=st.st_uid,
-            st_gid=st.st_gid,
-            st_rdev=st.st_rdev,
-            st_size=st.st_size,
-            st_blocks=st.st_blocks,
-            st_blksize=st.st_blksize,
-            st_atime_ns=st.st_atime_ns,
-            st_mtime_ns=st.st_mtime_ns,
-            st_ctime_ns=st.st_ctime_ns,
+            st.st_ino,
+            st.st_mode,
+            st.st_nlink,
+            st.st_uid,
+            st.st_gid,
+            st.st_rdev,
+            st.st_size,
+            st.st_blocks,
+            st.st_blksize,
+            st.st_atime_ns,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
         )
 
 

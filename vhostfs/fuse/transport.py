@@ -26,7 +26,7 @@ class GuestRequest(Protocol):
         """Room for the reply."""
 
     def read(self, offset: int, length: int) -> bytes:
-        """Readable bytes [offset, offset+length), for arguments beyond `data` (short at the end)."""
+        """Readable bytes [offset, offset+length) beyond `data`; short at the end."""
 
     def read_to_file(self, offset: int, fd: int, pos: int, length: int) -> int:
         """pwritev readable bytes starting at offset to fd at pos. Returns bytes written.
@@ -45,3 +45,21 @@ class GuestRequest(Protocol):
         """Hand the chain back to the guest with `written` reply bytes, and notify it if needed.
 
         Must be called exactly once per request, also for requests that get no reply."""
+
+
+class FastGuestRequest(GuestRequest, Protocol):
+    """A GuestRequest that can also write a whole reply and complete in one step.
+
+    The dispatcher uses these when a transport's request type has them (the virtqueue does each
+    in one call into C) and write_reply/reply_from_file + complete otherwise."""
+
+    def send_reply(self, data: bytes) -> None:
+        """write_reply(0, data), then complete(len(data)). Raises ValueError if it does not fit."""
+
+    def send_file_reply(self, unique: int, fd: int, pos: int, size: int) -> None:
+        """A successful reply (fuse_out_header for unique, then up to size bytes of fd at pos,
+        short at end of file), completed.
+
+        Raises OSError from the file system, leaving the request to be answered otherwise. The
+        transport may also do the read later and answer a read error itself; fd need only stay
+        open until this returns."""
