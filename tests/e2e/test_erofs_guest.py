@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.rafs.test_build_support import build, make_rootfs_tree
+from tests.rafs.build_support import build, make_rootfs_tree
 from tests.support.vm import ensure_guest_built, require_qemu, run_guest, short_tempdir
 
 pytestmark = pytest.mark.guest
