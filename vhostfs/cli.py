@@ -1,15 +1,23 @@
 """The `vhostfs` command line."""
 
+from __future__ import annotations
+
 import contextlib
+import json
 import logging
 import os
 import socket
 import sys
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import click
 import uvloop
+
+from vhostfs.rafs.commands import build_command, check_command, inspect_command, unpack_command
+
+if TYPE_CHECKING:
+    from vhostfs.fuse.ops import Operations
 
 LOG_LEVELS = ["error", "warn", "warning", "info", "debug", "trace"]
 
@@ -50,8 +58,40 @@ def main() -> None:
 @click.option(
     "--shared-dir",
     type=click.Path(exists=True, file_okay=False),
-    required=True,
     help="Host directory to export (read-only for now).",
+)
+@click.option(
+    "--bootstrap",
+    type=click.Path(exists=True, dir_okay=False),
+    help="RAFS (v5/v6) or EROFS image to serve read-only.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="nydusd v1 JSON config for --bootstrap (backend, cache, digest_validate, fs_prefetch).",
+)
+@click.option(
+    "--blob-dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="Directory holding the image's blobs, named by blob id.",
+)
+@click.option(
+    "--blob",
+    "blob_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A blob file, in device-table order (repeatable).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    help="Work directory for the chunk cache (none: no cache).",
+)
+@click.option(
+    "--prefetch-files",
+    type=click.Path(exists=True, dir_okay=False),
+    help="File listing image paths to prefetch, one per line.",
 )
 @click.option(
     "--cache",
@@ -75,7 +115,13 @@ def main() -> None:
 def serve(
     socket_path: str | None,
     listen_fd: int | None,
-    shared_dir: str,
+    shared_dir: str | None,
+    bootstrap: str | None,
+    config_path: str | None,
+    blob_dir: str | None,
+    blob_files: tuple[str, ...],
+    cache_dir: str | None,
+    prefetch_files: str | None,
     cache: str,
     num_request_queues: int,
     log_level: str,
@@ -83,29 +129,102 @@ def serve(
     thread_pool_size: int | None,
     announce_submounts: bool,
 ) -> None:
-    """Serve a host directory to one VMM over vhost-user-fs, until it disconnects."""
+    """Serve a host directory or a RAFS image to one VMM over vhost-user-fs, until it
+    disconnects."""
     _setup_logging(log_level, syslog)
     if (socket_path is None) == (listen_fd is None):
         raise click.UsageError("give exactly one of --socket/--socket-path and --fd")
-    from vhostfs.fs.passthrough import CachePolicy, Passthrough
+    if (shared_dir is None) == (bootstrap is None):
+        raise click.UsageError("give exactly one of --shared-dir and --bootstrap")
     from vhostfs.fuse.dispatch import Dispatcher
     from vhostfs.vhost.server import inherited_listener, listen_unix
     from vhostfs.vhost.server import serve as serve_vhost
     from vhostfs.vhost.virtqueue import RequestHandler
 
-    policy: CachePolicy = {"none": "never", "metadata": "auto"}.get(cache, cache)  # type: ignore[assignment]
+    open_fs: Callable[[], Operations]
+    report: Callable[[], None] = lambda: None  # noqa: E731
+    if shared_dir is not None:
+        open_fs = _passthrough(shared_dir, cache)
+    else:
+        assert bootstrap is not None
+        open_fs, report = _rafs(
+            bootstrap, config_path, blob_dir, blob_files, cache_dir, prefetch_files
+        )
     listener: socket.socket = (
         listen_unix(socket_path) if socket_path is not None else inherited_listener(listen_fd or 0)
     )
 
     def make_handler() -> RequestHandler:
-        return Dispatcher(Passthrough(shared_dir, cache=policy)).handle
+        return Dispatcher(open_fs()).handle
 
     _run(serve_vhost(listener, make_handler, 1 + num_request_queues))
+    report()
     if socket_path is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
 
 
+def _passthrough(shared_dir: str, cache: str) -> Callable[[], Operations]:
+    from vhostfs.fs.passthrough import CachePolicy, Passthrough
+
+    policy: CachePolicy = {"none": "never", "metadata": "auto"}.get(cache, cache)  # type: ignore[assignment]
+    return lambda: Passthrough(shared_dir, cache=policy)
+
+
+def _rafs(
+    bootstrap: str,
+    config_path: str | None,
+    blob_dir: str | None,
+    blob_files: tuple[str, ...],
+    cache_dir: str | None,
+    prefetch_files: str | None,
+) -> tuple[Callable[[], Operations], Callable[[], None]]:
+    """Open the image and its storage now, so a bad image or config fails before we listen;
+    the file system (and its prefetch) starts once the event loop runs. Also returns what to
+    report at exit: the storage metrics, as one JSON log line."""
+    from vhostfs.fs.rafs import RafsFs
+    from vhostfs.rafs import RafsError, open_image
+    from vhostfs.storage import ConfigError, RafsConfig, open_storage, parse_config, prefetcher_for
+
+    try:
+        if config_path is not None:
+            if blob_dir or cache_dir:
+                raise click.UsageError("--config replaces --blob-dir and --cache-dir")
+            with open(config_path, "rb") as f:
+                config = parse_config(f.read())
+        else:
+            config = RafsConfig.from_flags(
+                blob_dir=blob_dir, blob_files=blob_files, cache_dir=cache_dir
+            )
+        image = open_image(bootstrap)
+        storage = open_storage(config, image.blobs, bootstrap=bootstrap)
+        paths = _read_prefetch_list(prefetch_files) if prefetch_files else []
+    except (RafsError, ConfigError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+    def open_fs() -> Operations:
+        fs = RafsFs(image, storage)
+        if config.prefetch.enable or paths:
+            refs = fs.prefetch_refs(paths, everything=config.prefetch.prefetch_all)
+            prefetcher_for(storage, config.prefetch).start(refs)
+        return fs
+
+    def report() -> None:
+        logging.getLogger("vhostfs").info("metrics %s", json.dumps(storage.metrics.snapshot()))
+
+    return open_fs, report
+
+
+def _read_prefetch_list(path: str) -> list[bytes]:
+    with open(path, "rb") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def _run(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
+
+
+main.add_command(build_command)
+main.add_command(inspect_command)
+main.add_command(check_command)
+main.add_command(unpack_command)

@@ -109,6 +109,12 @@ class TreeFs(Operations):
         self.calls.append(("read", node, fh, offset, size))
         if fh == 1:
             return FileSlice(self.data_fd, offset, size)
+        if fh == 2:  # gathered from pieces: file, literal bytes, file again
+            return [
+                FileSlice(self.data_fd, offset, 10),
+                b"-gap-",
+                FileSlice(self.data_fd, offset + 100, size),
+            ]
         return b"x" * (size + 100)  # more than asked: the dispatcher must cut it
 
     async def write(
@@ -439,6 +445,21 @@ def test_read_from_file_slice(d: Dispatcher, fs: TreeFs, tmp_path: Path) -> None
         assert fc.exchange(d.handle, fc.read(2, 1, 2560, 10)).payload == b""
         capped = fc.exchange(d.handle, fc.read(2, 1, 0, 4096), writable_len=16 + 7)
         assert capped.payload == bytes(range(7))
+    finally:
+        os.close(fs.data_fd)
+
+
+def test_read_gathered_from_pieces(d: Dispatcher, fs: TreeFs, tmp_path: Path) -> None:
+    data = bytes(range(256)) * 10
+    (tmp_path / "data").write_bytes(data)
+    fs.data_fd = os.open(tmp_path / "data", os.O_RDONLY)
+    try:
+        whole = fc.exchange(d.handle, fc.read(2, 2, 0, 40)).payload
+        assert whole == data[0:10] + b"-gap-" + data[100:125]  # clipped to the 40 asked for
+        short = fc.exchange(d.handle, fc.read(2, 2, 2500, 100)).payload
+        assert short == data[2500:2510] + b"-gap-"  # the last piece starts past the end
+        room = fc.exchange(d.handle, fc.read(2, 2, 0, 4096), writable_len=16 + 12)
+        assert room.payload == data[0:10] + b"-g"
     finally:
         os.close(fs.data_fd)
 

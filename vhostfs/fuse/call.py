@@ -17,7 +17,7 @@ from vhostfs.fuse.ops import FileSlice, FuseError, NodeId, Operations, RequestCo
 from vhostfs.fuse.transport import GuestRequest
 
 NO_REPLY: Final = None
-Reply: TypeAlias = bytes | bytearray | FileSlice | None
+Reply: TypeAlias = bytes | bytearray | FileSlice | list[FileSlice | bytes] | None
 
 _OFFSET_MAX: Final = (1 << 63) - 1
 _NAME_MAX: Final = abi.NAME_MAX

@@ -286,6 +286,9 @@ class Dispatcher:
         if reply is None:
             req.complete(0)
             return
+        if isinstance(reply, list):
+            self._send_pieces(req, unique, reply)
+            return
         kind = type(req)
         fast = _FAST_REPLIES[kind] if kind in _FAST_REPLIES else _fast_replies(kind)
         if fast is not None:
@@ -326,6 +329,30 @@ class Dispatcher:
             req.complete(0)
             return
         req.complete(total)
+
+    def _send_pieces(self, req: GuestRequest, unique: int, pieces: list[FileSlice | bytes]) -> None:
+        """A READ reply gathered from several files: each piece goes straight to guest memory;
+        a short file piece (end of file) ends the reply there."""
+        offset = _OUT
+        try:
+            for piece in pieces:
+                if isinstance(piece, FileSlice):
+                    got = req.reply_from_file(offset, piece.fd, piece.pos, piece.size)
+                    offset += got
+                    if got < piece.size:
+                        break
+                else:
+                    req.write_reply(offset, piece)
+                    offset += len(piece)
+            req.write_reply(0, abi.OUT_HEADER.pack(offset, 0, unique))
+        except OSError as exc:
+            self._reply_error(req, unique, exc.errno or errno.EIO)
+            return
+        except ValueError:
+            log.warning("reply for unique %d did not fit after all", unique)
+            req.complete(0)
+            return
+        req.complete(offset)
 
     def _send_failure(
         self, req: GuestRequest, opcode: int, unique: int, exc: BaseException

@@ -185,9 +185,31 @@ async def _read(ops: Operations, call: Call) -> Reply:
     fh, offset, size, *_ = abi.READ_IN.unpack_from(call.args)
     size = min(size, call.room)
     data = await ops.read(call.node, FileHandle(fh), offset_arg(offset), size, call.ctx)
+    if isinstance(data, list):
+        if len(data) != 1:
+            return _clip_pieces(data, size)
+        data = data[0]
     if isinstance(data, FileSlice):
         return data if data.size <= size else FileSlice(data.fd, data.pos, size)
     return data if len(data) <= size else data[:size]
+
+
+def _clip_pieces(pieces: list[FileSlice | bytes], size: int) -> list[FileSlice | bytes]:
+    """The pieces covering the first `size` bytes, so a reply never outgrows the room."""
+    clipped: list[FileSlice | bytes] = []
+    for piece in pieces:
+        length = piece.size if isinstance(piece, FileSlice) else len(piece)
+        if length >= size:
+            if size:
+                clipped.append(
+                    FileSlice(piece.fd, piece.pos, size)
+                    if isinstance(piece, FileSlice)
+                    else piece[:size]
+                )
+            break
+        clipped.append(piece)
+        size -= length
+    return clipped
 
 
 async def _write(ops: Operations, call: Call) -> Reply:

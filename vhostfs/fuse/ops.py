@@ -165,7 +165,10 @@ class FileSlice:
     size: int
 
 
-ReadResult: TypeAlias = bytes | FileSlice
+# A file system whose data sits in several host files (or partly in memory) answers with the
+# pieces in order; the transport copies each straight into guest memory.
+ReadPieces: TypeAlias = list[FileSlice | bytes]
+ReadResult: TypeAlias = bytes | FileSlice | ReadPieces
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,121 @@
+"""The RAFS file system's FUSE operations over the real nydus images in the shared fixtures."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vhostfs.fs.rafs import RafsFs
+from vhostfs.fuse.ops import ROOT_ID, FileHandle, FileSlice, FuseError, NodeId, RequestContext
+from vhostfs.rafs import open_image
+from vhostfs.storage import RafsConfig, open_storage
+
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "nydus"
+ROOT = RequestContext(uid=0, gid=0, pid=1)
+USER = RequestContext(uid=1000, gid=1000, pid=1)
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+@pytest.fixture(params=["v6/rafs-v6-2.2.boot", "v5/sha256-nocompress-repeatable"])
+def fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RafsFs]:
+    bootstrap = FIXTURES / request.param
+    image = open_image(bootstrap)
+    config = RafsConfig.from_flags(blob_dir=bootstrap.parent, cache_dir=tmp_path / "cache")
+    storage = open_storage(config, image.blobs, bootstrap=bootstrap)
+    yield RafsFs(image, storage)
+    image.close()
+
+
+async def read_all(fs: RafsFs, node: NodeId, size: int) -> bytes:
+    out = bytearray()
+    offset = 0
+    while offset < size:
+        pieces = await fs.read(node, FileHandle(0), offset, 128 * 1024, ROOT)
+        assert isinstance(pieces, list)
+        for piece in pieces:
+            if isinstance(piece, FileSlice):
+                out += os.pread(piece.fd, piece.size, piece.pos)
+            else:
+                out += piece
+        offset = len(out)
+    return bytes(out)
+
+
+async def walk(fs: RafsFs, node: NodeId, path: str, found: dict[str, bytes | str]) -> None:
+    handle = await fs.opendir(node, os.O_RDONLY, ROOT)
+    for entry in await fs.readdir(node, handle.fh, 0, ROOT):
+        if entry.name in (b".", b".."):
+            continue
+        child = await fs.lookup(node, entry.name, ROOT)
+        name = f"{path}/{entry.name.decode()}"
+        mode = child.attr.st_mode
+        assert child.attr.st_ino == entry.ino
+        if stat.S_ISDIR(mode):
+            found[name] = "dir"
+            await walk(fs, child.node_id, name, found)
+        elif stat.S_ISLNK(mode):
+            found[name] = b"-> " + await fs.readlink(child.node_id, ROOT)
+        elif stat.S_ISREG(mode):
+            opened = await fs.open(child.node_id, os.O_RDONLY, ROOT)
+            assert opened.fh == 0
+            found[name] = await read_all(fs, child.node_id, child.attr.st_size)
+            assert len(found[name]) == child.attr.st_size
+
+
+def test_the_whole_tree_reads_through_fuse_operations(fs: RafsFs) -> None:
+    found: dict[str, bytes | str] = {}
+    run(walk(fs, ROOT_ID, "", found))
+    files = {name: data for name, data in found.items() if isinstance(data, bytes)}
+    assert files
+    if "rafs-v6" in fs.image.path:
+        assert len(found["/lib.rs"]) == 16931 and len(found["/sync_io.rs"]) == 13400
+        assert b"fn " in found["/lib.rs"]
+
+
+def test_missing_names_are_negative_entries_the_guest_may_cache(fs: RafsFs) -> None:
+    entry = run(fs.lookup(ROOT_ID, b"no-such-name", ROOT))
+    assert entry.node_id == 0 and entry.entry_timeout > 0
+
+
+def test_every_mutation_is_erofs_and_write_opens_too(fs: RafsFs) -> None:
+    async def attempts() -> list[int]:
+        codes = []
+        for call in (
+            fs.mkdir(ROOT_ID, b"d", 0o755, 0, ROOT),
+            fs.unlink(ROOT_ID, b"x", ROOT),
+            fs.create(ROOT_ID, b"n", 0o644, os.O_WRONLY, 0, ROOT),
+            fs.setxattr(ROOT_ID, b"user.x", b"1", 0, ROOT),
+            fs.access(ROOT_ID, os.W_OK, ROOT),
+        ):
+            try:
+                await call
+            except FuseError as exc:
+                codes.append(exc.errno)
+        return codes
+
+    assert run(attempts()) == [errno.EROFS] * 5
+
+
+def test_stale_or_foreign_node_ids_are_refused(fs: RafsFs) -> None:
+    with pytest.raises(FuseError) as stale:
+        run(fs.getattr(NodeId(12345), None, ROOT))
+    assert stale.value.errno == errno.ESTALE
+
+
+def test_access_follows_the_mode_bits(fs: RafsFs) -> None:
+    run(fs.access(ROOT_ID, os.R_OK | os.X_OK, USER))  # the root directory is world-searchable
+
+
+def test_the_image_prefetch_list_resolves_to_chunks(fs: RafsFs) -> None:
+    refs = list(fs.prefetch_refs([b"/"], everything=False))
+    assert refs and all(ref.uncompressed_size > 0 for ref in refs)
+    assert list(fs.prefetch_refs([b"/does/not/exist"])) == list(fs.prefetch_refs([]))

@@ -1,0 +1,303 @@
+"""A RAFS (or plain EROFS) image as a read-only FUSE file system.
+
+Metadata comes from the mapped bootstrap through vhostfs.rafs; file data comes through the
+storage layer, which fetches, verifies and caches chunks and hands back pieces of host files
+that the transport copies straight into guest memory.
+
+The image never changes, so the guest may cache everything for as long as it likes: long entry
+and attribute timeouts, KEEP_CACHE on files, CACHE_DIR on directories, CACHE_SYMLINKS. The file
+system keeps no per-inode state, so FORGET has nothing to release.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
+from typing import Protocol
+
+from vhostfs.fs.readonly import ReadOnlyOperations, check_access
+from vhostfs.fuse.abi import InitFlag, OpenReplyFlag
+from vhostfs.fuse.ops import (
+    ROOT_ID,
+    Attr,
+    AttrOut,
+    ConnInfo,
+    DirEntry,
+    EntryOut,
+    FileHandle,
+    FileSlice,
+    FuseError,
+    NodeId,
+    OpenOut,
+    ReadResult,
+    RequestContext,
+    StatFs,
+)
+from vhostfs.rafs.base import InodeAttr, RafsImage
+from vhostfs.rafs.chunk import ChunkRef
+from vhostfs.rafs.errors import RafsError
+
+log = logging.getLogger(__name__)
+
+# A day, as virtiofsd's cache=always: nothing in the image can change under the guest.
+TIMEOUT = 86400.0
+# Node ids carry the inode in their low 56 bits, as nydusd's VFS numbers a mount's inodes.
+NODE_TAG = 1 << 56
+INO_LIMIT = 1 << 56
+
+
+class DataSource(Protocol):
+    """Where file bytes come from: the storage layer (chunk fetch, verify, cache)."""
+
+    async def read(
+        self, chunks: Sequence[ChunkRef], start: int, end: int
+    ) -> list[FileSlice | bytes]:
+        """File bytes [start, end) as host-file slices or literal bytes, in order."""
+
+
+class RafsFs(ReadOnlyOperations):
+    def __init__(self, image: RafsImage, data: DataSource) -> None:
+        self.image = image
+        self.data = data
+
+    # Node ids ------------------------------------------------------------------------------------
+
+    def _ino(self, node: NodeId) -> int:
+        if node == ROOT_ID:
+            return self.image.root_ino
+        if node & ~(INO_LIMIT - 1) != NODE_TAG:
+            raise FuseError(errno.ESTALE)
+        return node & (INO_LIMIT - 1)
+
+    def _node(self, ino: int) -> NodeId:
+        if ino == self.image.root_ino:
+            return ROOT_ID
+        if not 0 <= ino < INO_LIMIT:
+            raise FuseError(errno.EOVERFLOW)
+        return NodeId(NODE_TAG | ino)
+
+    def _attr(self, ino: int) -> InodeAttr:
+        try:
+            return self.image.getattr(ino)
+        except RafsError as exc:
+            raise _corrupt(exc) from None
+
+    # Prefetch ------------------------------------------------------------------------------------
+
+    def prefetch_refs(
+        self, paths: Sequence[bytes] = (), everything: bool = False
+    ) -> Iterator[ChunkRef]:
+        """Chunks worth warming, in order: the image's prefetch table, then `paths` (absolute
+        paths in the image; a directory means everything below it), or every file.
+
+        Lazy, so the prefetcher pulls as it goes. Names that do not resolve are logged and
+        skipped: a stale prefetch list must not stop the mount."""
+        try:
+            if everything:
+                yield from self._file_chunks(ino for _, ino, _ in self.image.walk())
+                return
+            yield from self._tree_chunks(self.image.prefetch_table())
+            for path in paths:
+                ino = self._resolve(path)
+                if ino is None:
+                    log.warning("prefetch: %r is not in the image", path)
+                else:
+                    yield from self._tree_chunks([ino])
+        except RafsError as exc:
+            log.warning("prefetch stopped, bad image: %s", exc)
+
+    def _resolve(self, path: bytes) -> int | None:
+        ino: int | None = self.image.root_ino
+        for name in path.split(b"/"):
+            if name and ino is not None:
+                ino = self.image.lookup(ino, name)
+        return ino
+
+    def _tree_chunks(self, inos: Iterable[int]) -> Iterator[ChunkRef]:
+        for ino in inos:
+            if stat.S_ISDIR(self.image.getattr(ino).mode):
+                yield from self._file_chunks(self._below(ino))
+            else:
+                yield from self._file_chunks([ino])
+
+    def _below(self, directory: int) -> Iterator[int]:
+        pending, seen = [directory], {directory}
+        while pending:
+            for entry in self.image.readdir(pending.pop()):
+                if entry.name in (b".", b"..") or entry.ino in seen:
+                    continue
+                seen.add(entry.ino)
+                if entry.dtype == stat.S_IFDIR >> 12:
+                    pending.append(entry.ino)
+                else:
+                    yield entry.ino
+
+    def _file_chunks(self, inos: Iterable[int]) -> Iterator[ChunkRef]:
+        for ino in inos:
+            attr = self.image.getattr(ino)
+            if stat.S_ISREG(attr.mode) and attr.size:
+                yield from self.image.chunks(ino, 0, attr.size)
+
+    # Session -------------------------------------------------------------------------------------
+
+    async def init(self, conn: ConnInfo) -> ConnInfo:
+        return replace(conn, flags=conn.flags | InitFlag.CACHE_SYMLINKS)
+
+    # Names and attributes ------------------------------------------------------------------------
+
+    async def lookup(self, parent: NodeId, name: bytes, ctx: RequestContext) -> EntryOut:
+        parent_ino = self._ino(parent)
+        if not stat.S_ISDIR(self._attr(parent_ino).mode):
+            raise FuseError(errno.ENOTDIR)
+        try:
+            ino = self.image.lookup(parent_ino, name)
+        except RafsError as exc:
+            raise _corrupt(exc) from None
+        if ino is None:
+            # A negative entry the guest may keep: the name will never appear.
+            return EntryOut(NodeId(0), Attr(st_ino=0, st_mode=0), entry_timeout=TIMEOUT)
+        return EntryOut(self._node(ino), _fuse_attr(self._attr(ino)), TIMEOUT, TIMEOUT)
+
+    async def forget(self, batch: Sequence[tuple[NodeId, int]]) -> None:
+        """Nothing to release: inodes are decoded from the image on demand."""
+
+    async def getattr(self, node: NodeId, fh: FileHandle | None, ctx: RequestContext) -> AttrOut:
+        return AttrOut(_fuse_attr(self._attr(self._ino(node))), TIMEOUT)
+
+    async def readlink(self, node: NodeId, ctx: RequestContext) -> bytes:
+        ino = self._ino(node)
+        if not stat.S_ISLNK(self._attr(ino).mode):
+            raise FuseError(errno.EINVAL)
+        try:
+            return self.image.readlink(ino)
+        except RafsError as exc:
+            raise _corrupt(exc) from None
+
+    async def statfs(self, node: NodeId, ctx: RequestContext) -> StatFs:
+        info = self.image.statfs()
+        return StatFs(
+            blocks=info.blocks,
+            bfree=0,
+            bavail=0,
+            files=info.files,
+            ffree=0,
+            bsize=info.block_size,
+            namelen=info.name_max,
+            frsize=info.block_size,
+        )
+
+    async def access(self, node: NodeId, mask: int, ctx: RequestContext) -> None:
+        attr = self._attr(self._ino(node))
+        check_access(attr.mode, attr.uid, attr.gid, mask, ctx)
+
+    # Files ---------------------------------------------------------------------------------------
+
+    async def open(self, node: NodeId, flags: int, ctx: RequestContext) -> OpenOut:
+        mode = self._attr(self._ino(node)).mode
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise FuseError(errno.EROFS)
+        if stat.S_ISDIR(mode):
+            raise FuseError(errno.EISDIR)
+        if not stat.S_ISREG(mode):
+            raise FuseError(errno.EACCES)
+        return OpenOut(FileHandle(0), OpenReplyFlag.KEEP_CACHE)
+
+    async def read(
+        self, node: NodeId, fh: FileHandle, offset: int, size: int, ctx: RequestContext
+    ) -> ReadResult:
+        ino = self._ino(node)
+        attr = self._attr(ino)
+        if not stat.S_ISREG(attr.mode):
+            raise FuseError(errno.EISDIR if stat.S_ISDIR(attr.mode) else errno.EINVAL)
+        end = min(offset + size, attr.size)
+        if offset >= end:
+            return b""
+        try:
+            chunks = self.image.chunks(ino, offset, end - offset)
+        except RafsError as exc:
+            raise _corrupt(exc) from None
+        return await self.data.read(chunks, offset, end)
+
+    async def flush(self, node: NodeId, fh: FileHandle, lock_owner: int) -> None:
+        return None
+
+    async def release(self, node: NodeId, fh: FileHandle, flags: int) -> None:
+        return None
+
+    async def lseek(self, node: NodeId, fh: FileHandle, offset: int, whence: int) -> int:
+        """An image file has no holes the guest could skip: all of it is data."""
+        size = self._attr(self._ino(node)).size
+        if offset >= size:
+            raise FuseError(errno.ENXIO)
+        if whence == os.SEEK_DATA:
+            return offset
+        if whence == os.SEEK_HOLE:
+            return size
+        raise FuseError(errno.EINVAL)
+
+    # Directories ---------------------------------------------------------------------------------
+
+    async def opendir(self, node: NodeId, flags: int, ctx: RequestContext) -> OpenOut:
+        if not stat.S_ISDIR(self._attr(self._ino(node)).mode):
+            raise FuseError(errno.ENOTDIR)
+        return OpenOut(FileHandle(0), OpenReplyFlag.KEEP_CACHE | OpenReplyFlag.CACHE_DIR)
+
+    async def readdir(
+        self, node: NodeId, fh: FileHandle, offset: int, ctx: RequestContext
+    ) -> Iterable[DirEntry]:
+        return self._entries(self._ino(node), offset)
+
+    def _entries(self, ino: int, offset: int) -> Iterator[DirEntry]:
+        try:
+            for entry in self.image.readdir(ino, offset):
+                yield DirEntry(entry.name, entry.next_offset, entry.ino, entry.dtype)
+        except RafsError as exc:
+            raise _corrupt(exc) from None
+
+    async def releasedir(self, node: NodeId, fh: FileHandle) -> None:
+        return None
+
+    # Extended attributes -------------------------------------------------------------------------
+
+    async def getxattr(self, node: NodeId, name: bytes, ctx: RequestContext) -> bytes:
+        try:
+            value = self.image.getxattr(self._ino(node), name)
+        except RafsError as exc:
+            raise _corrupt(exc) from None
+        if value is None:
+            raise FuseError(errno.ENODATA)
+        return value
+
+    async def listxattr(self, node: NodeId, ctx: RequestContext) -> Sequence[bytes]:
+        try:
+            return self.image.listxattr(self._ino(node))
+        except RafsError as exc:
+            raise _corrupt(exc) from None
+
+
+def _fuse_attr(attr: InodeAttr) -> Attr:
+    mtime_ns = attr.mtime * 1_000_000_000 + attr.mtime_nsec
+    return Attr(
+        st_ino=attr.ino,
+        st_mode=attr.mode,
+        st_nlink=attr.nlink,
+        st_uid=attr.uid,
+        st_gid=attr.gid,
+        st_rdev=attr.rdev,
+        st_size=attr.size,
+        st_blocks=attr.blocks,
+        st_blksize=attr.blksize,
+        st_atime_ns=mtime_ns,
+        st_mtime_ns=mtime_ns,
+        st_ctime_ns=mtime_ns,
+    )
+
+
+def _corrupt(exc: RafsError) -> FuseError:
+    """A hostile or damaged image: the guest sees EIO, the operator sees which field."""
+    log.warning("bad image: %s", exc)
+    return FuseError(errno.EIO)
