@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.rafs.images import V6_BLOB_ID, V6_DIR
 from tests.rafs.build_support import (
     IS_ROOT,
     SMALL_CHUNK,
@@ -25,6 +24,7 @@ from tests.rafs.build_support import (
     run_vhostfs,
     snapshot,
 )
+from tests.rafs.images import V6_BLOB_ID, V6_DIR
 from vhostfs.rafs import BlobStore, open_image
 from vhostfs.rafs import layout as L
 from vhostfs.rafs.blobmeta import read_chunk_digests, read_chunk_infos, read_toc
