@@ -142,7 +142,7 @@ def serve(
     from vhostfs.vhost.virtqueue import RequestHandler
 
     open_fs: Callable[[], Operations]
-    report: Callable[[], None] = lambda: None  # noqa: E731
+    report: Callable[[dict[str, int]], None] = lambda fops: None  # noqa: E731
     if shared_dir is not None:
         open_fs = _passthrough(shared_dir, cache)
     else:
@@ -154,11 +154,14 @@ def serve(
         listen_unix(socket_path) if socket_path is not None else inherited_listener(listen_fd or 0)
     )
 
+    dispatchers: list[Dispatcher] = []
+
     def make_handler() -> RequestHandler:
-        return Dispatcher(open_fs()).handle
+        dispatchers.append(Dispatcher(open_fs()))
+        return dispatchers[-1].handle
 
     _run(serve_vhost(listener, make_handler, 1 + num_request_queues))
-    report()
+    report({name: n for d in dispatchers for name, n in d.opcode_counts().items()})
     if socket_path is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
@@ -178,7 +181,7 @@ def _rafs(
     blob_files: tuple[str, ...],
     cache_dir: str | None,
     prefetch_files: str | None,
-) -> tuple[Callable[[], Operations], Callable[[], None]]:
+) -> tuple[Callable[[], Operations], Callable[[dict[str, int]], None]]:
     """Open the image and its storage now, so a bad image or config fails before we listen;
     the file system (and its prefetch) starts once the event loop runs. Also returns what to
     report at exit: the storage metrics, as one JSON log line."""
@@ -209,7 +212,8 @@ def _rafs(
             prefetcher_for(storage, config.prefetch).start(refs)
         return fs
 
-    def report() -> None:
+    def report(fops: dict[str, int]) -> None:
+        storage.metrics.fops.update(fops)
         logging.getLogger("vhostfs").info("metrics %s", json.dumps(storage.metrics.snapshot()))
 
     return open_fs, report

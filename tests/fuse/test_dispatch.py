@@ -573,3 +573,13 @@ def test_readdirplus_skips_vanished_entries(d: Dispatcher, fs: TreeFs) -> None:
 def test_readdirplus_pages_through_everything(d: Dispatcher, fs: TreeFs) -> None:
     assert _list_all(d, fc.readdirplus, 200) == [b".", b"..", b"alpha", b"beta", b"gamma"]
     assert fs.lookups == {2: 1, 3: 1, 4: 1}
+
+
+def test_requests_are_counted_by_opcode_name(d: Dispatcher) -> None:
+    before = d.opcode_counts()
+    fc.exchange(d.handle, fc.getattr_(1))
+    fc.exchange(d.handle, fc.getattr_(1))
+    fc.exchange(d.handle, fc.request(4000))
+    after = d.opcode_counts()
+    assert after["GETATTR"] - before.get("GETATTR", 0) == 2
+    assert after["4000"] == 1

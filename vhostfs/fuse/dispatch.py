@@ -21,6 +21,7 @@ import asyncio
 import errno
 import logging
 import types
+from collections import Counter
 from collections.abc import Callable, Coroutine, Generator
 from functools import partial
 from typing import Any, Final, TypeAlias
@@ -72,6 +73,7 @@ class Dispatcher:
 
     def __init__(self, ops: Operations) -> None:
         self._ops = ops
+        self.opcodes: Counter[int] = Counter()  # requests seen, by opcode, for the metrics
         self._conn: ConnInfo | None = None  # None until INIT succeeds, and again after DESTROY
         self._running: dict[int, set[asyncio.Task[Reply]]] = {}
         self._idle_waiters: list[asyncio.Future[None]] = []
@@ -101,6 +103,10 @@ class Dispatcher:
             if queue is None or label == queue:
                 for task in tasks:
                     task.cancel()
+
+    def opcode_counts(self) -> dict[str, int]:
+        """Requests seen so far, by opcode name (unknown opcodes by number)."""
+        return {_opcode_name(op): count for op, count in sorted(self.opcodes.items())}
 
     def handle(self, req: GuestRequest, queue: int = 0) -> None:
         """Serve one request; its reply may be written now or, if the fs suspends, later."""
@@ -137,6 +143,7 @@ class Dispatcher:
             self._reply_error(req, 0, errno.EINVAL)
             return None
         length, opcode, unique, node, uid, gid, pid, ext_units, _ = _unpack_header(data)
+        self.opcodes[opcode] += 1
         spec = _SPECS.get(opcode)
         replies = spec is None or spec.replies
         err = 0
@@ -388,6 +395,13 @@ class Dispatcher:
             req.complete(0)
             return
         req.complete(_OUT)
+
+
+def _opcode_name(opcode: int) -> str:
+    try:
+        return abi.Opcode(opcode).name
+    except ValueError:
+        return str(opcode)
 
 
 @types.coroutine
