@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Final, Literal
 
 from vhostfs.fs.inodes import Inode, InodeTable
-from vhostfs.fs.readonly import ReadOnlyOperations
+from vhostfs.fs.readonly import ReadOnlyOperations, check_access
 from vhostfs.fuse.abi import InitFlag, OpenReplyFlag
 from vhostfs.fuse.ops import (
     ROOT_ID,
@@ -215,24 +215,9 @@ class Passthrough(ReadOnlyOperations):
         inode = self.inodes.get(node)
         if mask & os.W_OK:
             raise _erofs()
-        wanted = mask & (os.R_OK | os.X_OK)
-        if not wanted:
-            return
-        st = os.fstat(inode.fd)
-        mode = st.st_mode
-        if ctx.uid == 0:
-            # root reads anything and executes what anyone may execute (or any directory).
-            if mask & os.X_OK and not (mode & 0o111 or stat.S_ISDIR(mode)):
-                raise FuseError(errno.EACCES)
-            return
-        if ctx.uid == st.st_uid:
-            granted = (mode >> 6) & 7
-        elif ctx.gid == st.st_gid:
-            granted = (mode >> 3) & 7
-        else:
-            granted = mode & 7
-        if granted & wanted != wanted:
-            raise FuseError(errno.EACCES)
+        if mask & (os.R_OK | os.X_OK):
+            st = os.fstat(inode.fd)
+            check_access(st.st_mode, st.st_uid, st.st_gid, mask, ctx)
 
     # Files.
 
