@@ -13,6 +13,7 @@ packages=(
     busybox-static cpio                  # the guest's initramfs
     erofs-utils                          # mkfs/fsck/dump.erofs, the independent format check
     debootstrap                          # the Debian rootfs the image tests serve
+    gnuplot-nox                          # the benchmark chart (qemu/bench.py)
     gcc python3-dev python3-venv         # the cffi extension and the virtual environment
 )
 missing=()
