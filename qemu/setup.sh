@@ -12,6 +12,7 @@ packages=(
     qemu-system-x86 qemu-system-common   # QEMU 7.2 and the reference C virtiofsd
     busybox-static cpio                  # the guest's initramfs
     erofs-utils                          # mkfs/fsck/dump.erofs, the independent format check
+    lz4                                  # the reference LZ4 encoder for the decoder tests
     debootstrap                          # the Debian rootfs the image tests serve
     gnuplot-nox                          # the benchmark chart (qemu/bench.py)
     gcc python3-dev python3-venv         # the cffi extension and the virtual environment
