@@ -119,3 +119,19 @@ def test_the_image_prefetch_list_resolves_to_chunks(fs: RafsFs) -> None:
     refs = list(fs.prefetch_refs([b"/"], everything=False))
     assert refs and all(ref.uncompressed_size > 0 for ref in refs)
     assert list(fs.prefetch_refs([b"/does/not/exist"])) == list(fs.prefetch_refs([]))
+
+
+def test_lookup_below_a_file_is_enotdir(fs: RafsFs) -> None:
+    path = next(p for p, _, attr in fs.image.walk() if stat.S_ISREG(attr.mode))
+
+    async def below(path: bytes) -> int:
+        node = ROOT_ID
+        for name in path.strip(b"/").split(b"/"):
+            node = (await fs.lookup(node, name, ROOT)).node_id
+        try:
+            await fs.lookup(node, b"x", ROOT)
+        except FuseError as exc:
+            return exc.errno
+        return 0
+
+    assert run(below(path)) == errno.ENOTDIR

@@ -150,11 +150,8 @@ class RafsFs(ReadOnlyOperations):
     # Names and attributes ------------------------------------------------------------------------
 
     async def lookup(self, parent: NodeId, name: bytes, ctx: RequestContext) -> EntryOut:
-        parent_ino = self._ino(parent)
-        if not stat.S_ISDIR(self._attr(parent_ino).mode):
-            raise FuseError(errno.ENOTDIR)
         try:
-            ino = self.image.lookup(parent_ino, name)
+            ino = self.image.lookup(self._ino(parent), name)
         except RafsError as exc:
             raise _corrupt(exc) from None
         if ino is None:
@@ -298,6 +295,8 @@ def _fuse_attr(attr: InodeAttr) -> Attr:
 
 
 def _corrupt(exc: RafsError) -> FuseError:
-    """A hostile or damaged image: the guest sees EIO, the operator sees which field."""
-    log.warning("bad image: %s", exc)
-    return FuseError(errno.EIO)
+    """The image could not answer: the guest gets the error's errno (EIO for a damaged image
+    or blob, which the operator also sees in the log, naming the field)."""
+    if exc.errno == errno.EIO:
+        log.warning("bad image: %s", exc)
+    return FuseError(exc.errno)

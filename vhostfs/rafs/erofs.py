@@ -36,6 +36,7 @@ from vhostfs.rafs.xattr import xattr_entries
 
 INODE_CACHE_SIZE = 4096
 DIRENT_BLOCK_CACHE_SIZE = 256
+FIRST_NAME_CACHE_SIZE = 8192
 SYMLINK_MAX = 4095  # PATH_MAX without the NUL
 # readdir offsets are (block << 16) | entry; a block holds at most 64 KiB / 12 entries.
 _ENTRY_BITS = 16
@@ -179,6 +180,11 @@ class ErofsImage(RafsImage):
         self._inode = functools.lru_cache(maxsize=INODE_CACHE_SIZE)(self._decode_inode)
         self._dirent_block = functools.lru_cache(maxsize=DIRENT_BLOCK_CACHE_SIZE)(
             self._decode_dirent_block
+        )
+        # Lookups binary-search a directory's blocks by their first names; remembering those
+        # spares re-reading the same few probe blocks for every name in a big directory.
+        self._block_first_name = functools.lru_cache(maxsize=FIRST_NAME_CACHE_SIZE)(
+            self._first_name
         )
         if self._inode(self.root_ino).kind != stat.S_IFDIR:
             raise CorruptError(f"EROFS superblock: root nid {self.root_ino} is not a directory")
@@ -416,9 +422,9 @@ class ErofsImage(RafsImage):
         data = self._dirent_block_bytes(self._inode(nid), block)
         return decode_block(data, f"directory {nid} block {block}")
 
-    def _first_name(self, directory: ErofsInode, block: int) -> bytes:
-        data = self._dirent_block_bytes(directory, block)
-        return first_name(data, f"directory {directory.nid} block {block}")
+    def _first_name(self, nid: int, block: int) -> bytes:
+        data = self._dirent_block_bytes(self._inode(nid), block)
+        return first_name(data, f"directory {nid} block {block}")
 
     def _find(self, directory: ErofsInode, name: bytes) -> int | None:
         # The entry is in the last block whose first name is <= name.
@@ -426,7 +432,7 @@ class ErofsImage(RafsImage):
         candidate = -1
         while low <= high:
             middle = (low + high) // 2
-            if self._first_name(directory, middle) <= name:
+            if self._block_first_name(directory.nid, middle) <= name:
                 candidate, low = middle, middle + 1
             else:
                 high = middle - 1
