@@ -12,6 +12,7 @@ system keeps no per-inode state, so FORGET has nothing to release.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
@@ -48,6 +49,7 @@ TIMEOUT = 86400.0
 # Node ids carry the inode in their low 56 bits, as nydusd's VFS numbers a mount's inodes.
 NODE_TAG = 1 << 56
 INO_LIMIT = 1 << 56
+ATTR_CACHE_SIZE = 8192
 
 
 class DataSource(Protocol):
@@ -63,6 +65,9 @@ class RafsFs(ReadOnlyOperations):
     def __init__(self, image: RafsImage, data: DataSource) -> None:
         self.image = image
         self.data = data
+        # The image never changes, so an inode's FUSE attributes can be built once and reused
+        # for every LOOKUP and GETATTR (the dispatcher only reads them).
+        self._guest_attr = functools.lru_cache(maxsize=ATTR_CACHE_SIZE)(self._build_guest_attr)
 
     # Node ids ------------------------------------------------------------------------------------
 
@@ -79,6 +84,9 @@ class RafsFs(ReadOnlyOperations):
         if not 0 <= ino < INO_LIMIT:
             raise FuseError(errno.EOVERFLOW)
         return NodeId(NODE_TAG | ino)
+
+    def _build_guest_attr(self, ino: int) -> Attr:
+        return _fuse_attr(self._attr(ino))
 
     def _attr(self, ino: int) -> InodeAttr:
         try:
@@ -157,13 +165,13 @@ class RafsFs(ReadOnlyOperations):
         if ino is None:
             # A negative entry the guest may keep: the name will never appear.
             return EntryOut(NodeId(0), Attr(st_ino=0, st_mode=0), entry_timeout=TIMEOUT)
-        return EntryOut(self._node(ino), _fuse_attr(self._attr(ino)), TIMEOUT, TIMEOUT)
+        return EntryOut(self._node(ino), self._guest_attr(ino), TIMEOUT, TIMEOUT)
 
     async def forget(self, batch: Sequence[tuple[NodeId, int]]) -> None:
         """Nothing to release: inodes are decoded from the image on demand."""
 
     async def getattr(self, node: NodeId, fh: FileHandle | None, ctx: RequestContext) -> AttrOut:
-        return AttrOut(_fuse_attr(self._attr(self._ino(node))), TIMEOUT)
+        return AttrOut(self._guest_attr(self._ino(node)), TIMEOUT)
 
     async def readlink(self, node: NodeId, ctx: RequestContext) -> bytes:
         ino = self._ino(node)
