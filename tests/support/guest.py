@@ -316,6 +316,17 @@ class DriverRing:
         if not bufs:
             raise ValueError("a chain needs at least one buffer")
 
+        descs = self._link(bufs, indirect)
+
+        head = descs[0]
+        self._chains[head] = _Chain(descs, writable)
+        if publish:
+            self.publish(head)
+        return head
+
+    def _link(self, bufs: list[tuple[int, int, int]], indirect: bool) -> list[int]:
+        """Write descriptors chaining bufs (gpa, size, flags), directly or through an indirect
+        table; returns the main-table descriptors used, head first."""
         if indirect:
             table = self.mem.alloc(16 * len(bufs), 16)
             for j, (gpa, size, flags) in enumerate(bufs):
@@ -323,18 +334,13 @@ class DriverRing:
                 self.write_desc(j, gpa, size, flags | more, j + 1, table_gpa=table)
             descs = self._take(1)
             self.write_desc(descs[0], table, 16 * len(bufs), DESC_F_INDIRECT)
-        else:
-            descs = self._take(len(bufs))
-            for j, (gpa, size, flags) in enumerate(bufs):
-                last = j + 1 == len(bufs)
-                nxt = 0 if last else descs[j + 1]
-                self.write_desc(descs[j], gpa, size, flags | (0 if last else DESC_F_NEXT), nxt)
-
-        head = descs[0]
-        self._chains[head] = _Chain(descs, writable)
-        if publish:
-            self.publish(head)
-        return head
+            return descs
+        descs = self._take(len(bufs))
+        for j, (gpa, size, flags) in enumerate(bufs):
+            last = j + 1 == len(bufs)
+            nxt = 0 if last else descs[j + 1]
+            self.write_desc(descs[j], gpa, size, flags | (0 if last else DESC_F_NEXT), nxt)
+        return descs
 
     def _take(self, n: int) -> list[int]:
         if n > len(self._free):
@@ -370,19 +376,7 @@ class DriverRing:
             writable.append((gpa, size))
         if not bufs:
             raise ValueError("a chain needs at least one buffer")
-        if indirect:
-            table = self.mem.alloc(16 * len(bufs), 16)
-            for j, (gpa, size, flags) in enumerate(bufs):
-                more = DESC_F_NEXT if j + 1 < len(bufs) else 0
-                self.write_desc(j, gpa, size, flags | more, j + 1, table_gpa=table)
-            descs = self._take(1)
-            self.write_desc(descs[0], table, 16 * len(bufs), DESC_F_INDIRECT)
-        else:
-            descs = self._take(len(bufs))
-            for j, (gpa, size, flags) in enumerate(bufs):
-                last = j + 1 == len(bufs)
-                nxt = 0 if last else descs[j + 1]
-                self.write_desc(descs[j], gpa, size, flags | (0 if last else DESC_F_NEXT), nxt)
+        descs = self._link(bufs, indirect)
         return FixedChain(descs[0], readable_bufs, writable)
 
     def fast(self) -> FastRing:

@@ -49,15 +49,6 @@ _KNOWN_LAYOUTS = (
     L.LAYOUT_COMPRESSED_COMPACT,
     L.LAYOUT_CHUNK_BASED,
 )
-_FILE_TYPES = {
-    stat.S_IFREG,
-    stat.S_IFDIR,
-    stat.S_IFLNK,
-    stat.S_IFCHR,
-    stat.S_IFBLK,
-    stat.S_IFIFO,
-    stat.S_IFSOCK,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,7 +286,7 @@ class ErofsImage(RafsImage):
     def _check_inode(self, inode: ErofsInode) -> None:
         what = f"inode {inode.nid}"
         kind = inode.kind
-        if kind not in _FILE_TYPES:
+        if kind not in L.FILE_TYPES:
             raise CorruptError(f"{what}: mode {inode.mode:o} has no valid file type")
         if kind in (stat.S_IFDIR, stat.S_IFLNK) and inode.data_layout == L.LAYOUT_CHUNK_BASED:
             raise CorruptError(f"{what}: a directory or symlink with chunk-based data")

@@ -4,6 +4,7 @@ All integers are little-endian. Field order in each format is the on-disk order;
 unpack whole structures and name the fields where they use them.
 """
 
+import stat
 import struct
 
 # --- EROFS (plain images and the RAFS v6 base) ---------------------------------------------
@@ -232,3 +233,17 @@ COMPRESSOR_ZSTD = 3
 DIGESTER_BLAKE3 = 0
 DIGESTER_SHA256 = 1
 CIPHER_NONE = 0
+
+
+# The file types an inode may have in any of the formats (st_mode & S_IFMT).
+FILE_TYPES = frozenset(
+    {
+        stat.S_IFREG,
+        stat.S_IFDIR,
+        stat.S_IFLNK,
+        stat.S_IFCHR,
+        stat.S_IFBLK,
+        stat.S_IFIFO,
+        stat.S_IFSOCK,
+    }
+)

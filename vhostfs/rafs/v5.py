@@ -37,15 +37,6 @@ _COMPRESSOR_BY_FLAG = {
     L.FLAG_COMPRESSION_ZSTD: Compressor.ZSTD,
 }
 _DIGESTER_BY_FLAG = {L.FLAG_HASH_BLAKE3: Digester.BLAKE3, L.FLAG_HASH_SHA256: Digester.SHA256}
-_FILE_TYPES = {
-    stat.S_IFREG,
-    stat.S_IFDIR,
-    stat.S_IFLNK,
-    stat.S_IFCHR,
-    stat.S_IFBLK,
-    stat.S_IFIFO,
-    stat.S_IFSOCK,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +284,7 @@ class RafsV5Image(RafsImage):
 
     def _check_inode(self, inode: V5Inode, what: str) -> None:
         kind = inode.kind
-        if kind not in _FILE_TYPES:
+        if kind not in L.FILE_TYPES:
             raise CorruptError(f"{what}: mode {inode.mode:o} has no valid file type")
         if inode.ino != L.RAFS_V5_ROOT_INO and (
             b"/" in inode.name or b"\0" in inode.name or inode.name in (b".", b"..")
