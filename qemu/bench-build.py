@@ -48,7 +48,7 @@ VHOSTFS_BUILD = [
     sys.executable,
     "-c",
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from vhostfs.rafs.commands import build_command; build_command()",
+    "from vhostfs.cli.image import build_command; build_command()",
     str(REPO),
 ]
 

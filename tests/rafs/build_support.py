@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from click.testing import CliRunner, Result
 
-from vhostfs.rafs.commands import build_command, check_command, inspect_command, unpack_command
+from vhostfs.cli.image import build_command, check_command, inspect_command, unpack_command
 
 IS_ROOT = os.geteuid() == 0
 MTIME_NS = 1_600_000_000_123_456_789

@@ -17,8 +17,8 @@ import zstandard
 
 from vhostfs.rafs.blob import BlobInfo
 from vhostfs.rafs.chunk import ChunkRef, Compressor, Digester, digest_of
+from vhostfs.segments import FileSlice, Segment
 from vhostfs.storage.backend import BackendCounters, BlobBackend
-from vhostfs.storage.fetch import FileSegment, Segment
 
 T = TypeVar("T")
 
@@ -115,7 +115,7 @@ def materialize(segments: Sequence[Segment]) -> bytes:
     """What the transport would copy into guest memory."""
     out = bytearray()
     for segment in segments:
-        if isinstance(segment, FileSegment):
+        if isinstance(segment, FileSlice):
             piece = os.pread(segment.fd, segment.size, segment.pos)
             assert len(piece) == segment.size, "segment runs past the end of its file"
             out += piece

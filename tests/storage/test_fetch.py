@@ -28,7 +28,8 @@ from tests.storage.blobs import (
 from vhostfs.rafs.blob import BlobInfo
 from vhostfs.rafs.chunk import IN_BOOTSTRAP, ZERO_FILL, ChunkRef, Compressor, Digester
 from vhostfs.rafs.errors import BlobError, ChunkDigestError, CorruptError
-from vhostfs.storage.fetch import FetchOptions, FileSegment, ImageStorage, Segment
+from vhostfs.segments import FileSlice, Segment
+from vhostfs.storage.fetch import FetchOptions, ImageStorage
 from vhostfs.storage.localfs import LocalFsBackend
 
 CHUNK = 16384
@@ -86,7 +87,7 @@ def test_miss_fetches_verifies_and_caches(
         segments = await storage.read(blob.refs, 0, len(blob.file_bytes))
         assert backend.counters.requests == 1
         assert len(segments) == 1
-        assert isinstance(segments[0], FileSegment)
+        assert isinstance(segments[0], FileSlice)
         assert os.path.samestat(os.fstat(segments[0].fd), os.stat(cache_file))
         assert materialize(segments) == blob.file_bytes
         await storage.aclose()
@@ -105,7 +106,7 @@ def test_hit_path_finishes_without_suspending(tmp_path: Path, blob_dir: Path) ->
         segments = run_to_completion_without_suspending(
             storage.read(refs_for(blob, start, end), start, end)
         )
-        assert all(isinstance(s, FileSegment) for s in segments)
+        assert all(isinstance(s, FileSlice) for s in segments)
         assert len(segments) == 1  # chunks at 4K-aligned offsets, back to back in the cache
         assert materialize(segments) == blob.file_bytes[start:end]
         assert storage.metrics.cache_hits == 5 + 1 and backend.counters.requests == 1

@@ -23,6 +23,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NewType, Protocol, TypeAlias
 
+from vhostfs.segments import FileSlice as FileSlice  # re-exported: READ results
+from vhostfs.segments import Segment
+
 NodeId = NewType("NodeId", int)
 FileHandle = NewType("FileHandle", int)
 
@@ -153,21 +156,9 @@ class DirEntry:
     kind: int
 
 
-@dataclass(frozen=True, slots=True)
-class FileSlice:
-    """READ result the transport copies straight from a file into guest memory (preadv).
-
-    The fd must stay open until the reply is sent, which happens before the next request on
-    the same handle could release it."""
-
-    fd: int
-    pos: int
-    size: int
-
-
 # A file system whose data sits in several host files (or partly in memory) answers with the
 # pieces in order; the transport copies each straight into guest memory.
-ReadPieces: TypeAlias = list[FileSlice | bytes]
+ReadPieces: TypeAlias = list[Segment]
 ReadResult: TypeAlias = bytes | FileSlice | ReadPieces
 
 

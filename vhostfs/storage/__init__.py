@@ -18,7 +18,7 @@ from vhostfs.storage.config import (
     UnsupportedConfigError,
     parse_config,
 )
-from vhostfs.storage.fetch import FetchOptions, FileSegment, ImageStorage, Segment
+from vhostfs.storage.fetch import FetchOptions, ImageStorage
 from vhostfs.storage.localfs import LocalFsBackend
 from vhostfs.storage.metrics import Metrics
 from vhostfs.storage.prefetch import Prefetcher
@@ -28,14 +28,12 @@ __all__ = [
     "BlobBackend",
     "ConfigError",
     "FetchOptions",
-    "FileSegment",
     "ImageStorage",
     "LocalFsBackend",
     "Metrics",
     "PrefetchConfig",
     "Prefetcher",
     "RafsConfig",
-    "Segment",
     "UnsupportedConfigError",
     "open_storage",
     "parse_config",

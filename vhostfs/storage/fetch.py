@@ -1,6 +1,6 @@
 """The read path: from the chunk refs covering a file range to the segments the guest gets.
 
-`ImageStorage.read` turns each ref into a segment: a `FileSegment` (a range of an open file the
+`ImageStorage.read` turns each ref into a segment: a `FileSlice` (a range of an open file the
 transport copies into guest memory with one preadv: the chunk cache, the bootstrap, or a local
 EROFS device) or `bytes` (zeros for holes, freshly fetched data when there is no cache).
 
@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
-from vhostfs.fuse.ops import FileSlice
 from vhostfs.rafs.blob import BlobInfo
 from vhostfs.rafs.chunk import (
     IN_BOOTSTRAP,
@@ -41,6 +40,7 @@ from vhostfs.rafs.chunk import (
     verify_digest,
 )
 from vhostfs.rafs.errors import BlobError, ChunkDigestError, CorruptError
+from vhostfs.segments import FileSlice, Segment
 from vhostfs.storage.backend import BackendError, BlobBackend, LocalBlobFiles, blob_names
 from vhostfs.storage.cache import ChunkCache
 from vhostfs.storage.metrics import Metrics
@@ -51,12 +51,6 @@ log = logging.getLogger(__name__)
 # allocate without bound.
 MAX_CHUNK_SIZE: Final = 1 << 26
 DEFAULT_AMPLIFY_IO: Final = 1 << 20
-
-
-# `size` bytes of open file `fd` at `pos`; the fd stays open until the storage closes. The
-# FUSE layer's own READ slice type, so segments go to the transport as they are.
-FileSegment = FileSlice
-Segment: TypeAlias = FileSlice | bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +308,7 @@ class ImageStorage:
                 and cache.is_ready(index)
             ):
                 offset = piece.ref.uncompressed_offset + piece.skip
-                segments[piece.slot] = FileSegment(cache.data_fd, offset, piece.size)
+                segments[piece.slot] = FileSlice(cache.data_fd, offset, piece.size)
                 continue
             segments[piece.slot] = data[piece.skip : piece.skip + piece.size]
         return _coalesce(segments)
@@ -562,16 +556,16 @@ def _describe_run(blob: _Blob, run: list[ChunkRef]) -> str:
 def _append_file(segments: list[Segment], fd: int, pos: int, size: int) -> None:
     if segments:
         last = segments[-1]
-        if isinstance(last, FileSegment) and last.fd == fd and last.pos + last.size == pos:
-            segments[-1] = FileSegment(fd, last.pos, last.size + size)
+        if isinstance(last, FileSlice) and last.fd == fd and last.pos + last.size == pos:
+            segments[-1] = FileSlice(fd, last.pos, last.size + size)
             return
-    segments.append(FileSegment(fd, pos, size))
+    segments.append(FileSlice(fd, pos, size))
 
 
 def _coalesce(segments: list[Segment]) -> list[Segment]:
     merged: list[Segment] = []
     for segment in segments:
-        if isinstance(segment, FileSegment):
+        if isinstance(segment, FileSlice):
             _append_file(merged, segment.fd, segment.pos, segment.size)
         elif segment:
             merged.append(segment)

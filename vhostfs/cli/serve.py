@@ -1,4 +1,4 @@
-"""The `vhostfs` command line."""
+"""`vhostfs serve`: the virtiofsd-compatible daemon command."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 import uvloop
-
-from vhostfs.rafs.commands import build_command, check_command, inspect_command, unpack_command
 
 if TYPE_CHECKING:
     from vhostfs.fuse.ops import Operations
@@ -36,12 +34,7 @@ def _setup_logging(level: str, syslog: bool) -> None:
     logging.basicConfig(level=name, handlers=[handler])
 
 
-@click.group()
-def main() -> None:
-    """virtio-fs vhost-user daemon for microVM guests."""
-
-
-@main.command()
+@click.command()
 @click.option(
     "--socket",
     "--socket-path",
@@ -227,8 +220,3 @@ def _read_prefetch_list(path: str) -> list[bytes]:
 def _run(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
-
-main.add_command(build_command)
-main.add_command(inspect_command)
-main.add_command(check_command)
-main.add_command(unpack_command)
