@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-import socket
 import sys
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
 
 import click
-import uvloop
 
-if TYPE_CHECKING:
-    from vhostfs.fuse.ops import Operations
+from vhostfs.daemon import (
+    Daemon,
+    DaemonConfig,
+    InheritedSocket,
+    MountConfig,
+    MountError,
+    PassthroughMountConfig,
+    RafsMountConfig,
+    SocketPath,
+)
+from vhostfs.daemon.config import CachePolicy
+from vhostfs.storage import ConfigError, RafsConfig, parse_config
 
 LOG_LEVELS = ["error", "warn", "warning", "info", "debug", "trace"]
 
@@ -129,94 +132,61 @@ def serve(
         raise click.UsageError("give exactly one of --socket/--socket-path and --fd")
     if (shared_dir is None) == (bootstrap is None):
         raise click.UsageError("give exactly one of --shared-dir and --bootstrap")
-    from vhostfs.fuse.dispatch import Dispatcher
-    from vhostfs.vhost.server import inherited_listener, listen_unix
-    from vhostfs.vhost.server import serve as serve_vhost
-    from vhostfs.vhost.virtqueue import RequestHandler
-
-    open_fs: Callable[[], Operations]
-    report: Callable[[dict[str, int]], None] = lambda fops: None  # noqa: E731
+    mount: MountConfig
     if shared_dir is not None:
-        open_fs = _passthrough(shared_dir, cache)
+        mount = PassthroughMountConfig(shared_dir, _CACHE_POLICIES[cache])
     else:
         assert bootstrap is not None
-        open_fs, report = _rafs(
-            bootstrap, config_path, blob_dir, blob_files, cache_dir, prefetch_files
-        )
-    listener: socket.socket = (
-        listen_unix(socket_path) if socket_path is not None else inherited_listener(listen_fd or 0)
+        mount = _rafs_mount(bootstrap, config_path, blob_dir, blob_files, cache_dir, prefetch_files)
+    config = DaemonConfig(
+        listen=SocketPath(socket_path)
+        if socket_path is not None
+        else InheritedSocket(listen_fd or 0),
+        mount=mount,
+        num_request_queues=num_request_queues,
     )
-
-    dispatchers: list[Dispatcher] = []
-
-    def make_handler() -> RequestHandler:
-        dispatchers.append(Dispatcher(open_fs()))
-        return dispatchers[-1].handle
-
-    _run(serve_vhost(listener, make_handler, 1 + num_request_queues))
-    report({name: n for d in dispatchers for name, n in d.opcode_counts().items()})
-    if socket_path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket_path)
+    try:
+        Daemon(config).run()
+    except MountError as e:
+        raise click.ClickException(str(e)) from None
 
 
-def _passthrough(shared_dir: str, cache: str) -> Callable[[], Operations]:
-    from vhostfs.fs.passthrough import CachePolicy, Passthrough
+# virtiofsd's --cache spellings, as the passthrough's three policies.
+_CACHE_POLICIES: dict[str, CachePolicy] = {
+    "auto": "auto",
+    "always": "always",
+    "never": "never",
+    "none": "never",
+    "metadata": "auto",
+}
 
-    policy: CachePolicy = {"none": "never", "metadata": "auto"}.get(cache, cache)  # type: ignore[assignment]
-    return lambda: Passthrough(shared_dir, cache=policy)
 
-
-def _rafs(
+def _rafs_mount(
     bootstrap: str,
     config_path: str | None,
     blob_dir: str | None,
     blob_files: tuple[str, ...],
     cache_dir: str | None,
     prefetch_files: str | None,
-) -> tuple[Callable[[], Operations], Callable[[dict[str, int]], None]]:
-    """Open the image and its storage now, so a bad image or config fails before we listen;
-    the file system (and its prefetch) starts once the event loop runs. Also returns what to
-    report at exit: the storage metrics, as one JSON log line."""
-    from vhostfs.fs.rafs import RafsFs
-    from vhostfs.rafs import RafsError, open_image
-    from vhostfs.storage import ConfigError, RafsConfig, open_storage, parse_config, prefetcher_for
-
+) -> RafsMountConfig:
+    """The image mount the flags describe; a config or list that cannot be read or parsed
+    fails here, before anything opens."""
     try:
         if config_path is not None:
             if blob_dir or cache_dir:
                 raise click.UsageError("--config replaces --blob-dir and --cache-dir")
             with open(config_path, "rb") as f:
-                config = parse_config(f.read())
+                storage = parse_config(f.read())
         else:
-            config = RafsConfig.from_flags(
+            storage = RafsConfig.from_flags(
                 blob_dir=blob_dir, blob_files=blob_files, cache_dir=cache_dir
             )
-        image = open_image(bootstrap)
-        storage = open_storage(config, image.blobs, bootstrap=bootstrap)
-        paths = _read_prefetch_list(prefetch_files) if prefetch_files else []
-    except (RafsError, ConfigError, OSError) as exc:
+        paths = _read_prefetch_list(prefetch_files) if prefetch_files else ()
+    except (ConfigError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-
-    def open_fs() -> Operations:
-        fs = RafsFs(image, storage)
-        if config.prefetch.enable or paths:
-            refs = fs.prefetch_refs(paths, everything=config.prefetch.prefetch_all)
-            prefetcher_for(storage, config.prefetch).start(refs)
-        return fs
-
-    def report(fops: dict[str, int]) -> None:
-        storage.metrics.fops.update(fops)
-        logging.getLogger("vhostfs").info("metrics %s", json.dumps(storage.metrics.snapshot()))
-
-    return open_fs, report
+    return RafsMountConfig(bootstrap, storage, paths)
 
 
-def _read_prefetch_list(path: str) -> list[bytes]:
+def _read_prefetch_list(path: str) -> tuple[bytes, ...]:
     with open(path, "rb") as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def _run(main: Coroutine[Any, Any, None]) -> None:
-    uvloop.run(main)
-
+        return tuple(line.strip() for line in f if line.strip())

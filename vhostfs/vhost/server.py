@@ -27,8 +27,12 @@ def listen_unix(path: str) -> socket.socket:
             raise FileExistsError(f"{path} exists and is not a socket")
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
+    try:
+        listener.bind(path)
+        listener.listen(1)
+    except BaseException:
+        listener.close()
+        raise
     return listener
 
 

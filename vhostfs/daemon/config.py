@@ -1,0 +1,57 @@
+"""What the daemon is asked to do: where to listen and what to mount, as plain data.
+
+The command line builds a DaemonConfig from its flags; later the HTTP API will build
+MountConfigs from mount requests. Nothing here opens a file: a config is checked for shape
+here and for substance when its mount opens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+from vhostfs.storage import RafsConfig
+
+CachePolicy: TypeAlias = Literal["auto", "always", "never"]
+
+
+@dataclass(frozen=True, slots=True)
+class PassthroughMountConfig:
+    """A host directory, exported as virtiofsd exports it."""
+
+    shared_dir: str
+    cache: CachePolicy = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class RafsMountConfig:
+    """A RAFS/EROFS image and the storage its data comes from."""
+
+    bootstrap: str
+    storage: RafsConfig
+    # Image paths to warm the cache with, from --prefetch-files (nydusd reads the same list).
+    prefetch_files: tuple[bytes, ...] = ()
+
+
+MountConfig: TypeAlias = PassthroughMountConfig | RafsMountConfig
+
+
+@dataclass(frozen=True, slots=True)
+class SocketPath:
+    """Bind and listen here, replacing a stale socket file; removed again at exit."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class InheritedSocket:
+    """An already listening socket the launcher passed (virtiofsd's --fd, as Kata uses it)."""
+
+    fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    listen: SocketPath | InheritedSocket
+    mount: MountConfig
+    num_request_queues: int = 1
