@@ -10,10 +10,10 @@ from pathlib import Path
 
 from tests.support.frontend import Frontend
 from tests.support.guest import GuestMemory
-from tests.support.vm import listening_daemon
+from tests.support.paths import NYDUS_FIXTURES
+from tests.support.vm import DaemonProcess, listening_daemon
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nydus"
-V6 = FIXTURES / "v6" / "rafs-v6-2.2.boot"
+V6 = NYDUS_FIXTURES / "v6" / "rafs-v6-2.2.boot"
 
 
 def serve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -22,9 +22,20 @@ def serve(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def exit_metrics(log: str) -> dict[str, object]:
+def exit_metrics(log: str) -> dict[str, int]:
     line = next(line for line in log.splitlines() if " metrics {" in line)
-    return dict(json.loads(line.split(" metrics ", 1)[1]))
+    counters = json.loads(line.split(" metrics ", 1)[1])
+    return {name: value for name, value in counters.items() if isinstance(value, int)}
+
+
+def wait_for_line(daemon: DaemonProcess, text: str, timeout: float = 20) -> str:
+    """The daemon's log once a line holding `text` has appeared in it."""
+    deadline = time.monotonic() + timeout
+    while text not in (log := daemon.log()):
+        assert daemon.alive(), log
+        assert time.monotonic() < deadline, f"no {text!r} in the log:\n{log}"
+        time.sleep(0.05)
+    return log
 
 
 def test_prefetch_files_warm_the_cache_while_the_guest_is_attached(tmp_path: Path) -> None:
@@ -51,13 +62,13 @@ def test_prefetch_files_warm_the_cache_while_the_guest_is_attached(tmp_path: Pat
         frontend = Frontend(sock, mem)
         frontend.init()
         frontend.start()
-        time.sleep(1)
+        wait_for_line(daemon, "prefetch done:")
         frontend.close()
         assert daemon.process.wait(10) == 0
         log = daemon.log()
     metrics = exit_metrics(log)
     assert metrics["prefetch_bytes"] == metrics["backend_bytes"] > 0
-    assert "'/no/such/file' is not in the image" in log or "no/such/file" in log
+    assert "prefetch: b'/no/such/file' is not in the image" in log
 
 
 def test_bad_image_or_config_fails_before_listening(tmp_path: Path) -> None:
