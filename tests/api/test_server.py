@@ -62,6 +62,7 @@ def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
     async def scenario() -> None:
         sock = tmp_path / "api.sock"
         first = await started(sock)
+        assert first._server is not None
         first._server.close()  # a dead daemon leaves its socket file behind
         second = await started(sock)
         async with client(sock) as http:
