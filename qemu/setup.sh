@@ -15,6 +15,7 @@ packages=(
     lz4                                  # the reference LZ4 encoder for the decoder tests
     debootstrap                          # the Debian rootfs the image tests serve
     gnuplot-nox                          # the benchmark chart (qemu/bench.py)
+    docker-registry apache2-utils        # a real OCI registry (distribution 2.8) and htpasswd
     gcc python3-dev python3-venv         # the cffi extension and the virtual environment
 )
 missing=()
