@@ -340,7 +340,12 @@ class RegistryClient:
                 challenges += 1
                 # Read the (small) 401 body first: that returns the connection to the pool,
                 # which the token request may need.
-                await response.aread()
+                try:
+                    await response.aread()
+                except httpx.HTTPError as e:
+                    raise RegistryError(
+                        f"{method} {_redact(url)}: {_describe(e)}", retryable=True
+                    ) from None
                 again, authorization = await self._answer_challenge(response, scope, authorization)
                 if not again:
                     return response
