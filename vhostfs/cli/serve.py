@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import click
 
+from vhostfs.cli.common import LOG_LEVELS, rafs_mount, setup_logging
 from vhostfs.daemon import (
     Daemon,
     DaemonConfig,
@@ -14,27 +12,9 @@ from vhostfs.daemon import (
     MountConfig,
     MountError,
     PassthroughMountConfig,
-    RafsMountConfig,
     SocketPath,
 )
 from vhostfs.daemon.config import CachePolicy
-from vhostfs.storage import ConfigError, RafsConfig, parse_config
-
-LOG_LEVELS = ["error", "warn", "warning", "info", "debug", "trace"]
-
-
-def _setup_logging(level: str, syslog: bool) -> None:
-    name = {"warn": "WARNING", "trace": "DEBUG"}.get(level, level.upper())
-    handler: logging.Handler
-    if syslog:
-        from logging.handlers import SysLogHandler
-
-        handler = SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("vhostfs[%(process)d]: %(levelname)s %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=name, handlers=[handler])
 
 
 @click.command()
@@ -127,7 +107,7 @@ def serve(
 ) -> None:
     """Serve a host directory or a RAFS image to one VMM over vhost-user-fs, until it
     disconnects."""
-    _setup_logging(log_level, syslog)
+    setup_logging(log_level, syslog)
     if (socket_path is None) == (listen_fd is None):
         raise click.UsageError("give exactly one of --socket/--socket-path and --fd")
     if (shared_dir is None) == (bootstrap is None):
@@ -137,17 +117,19 @@ def serve(
         mount = PassthroughMountConfig(shared_dir, _CACHE_POLICIES[cache])
     else:
         assert bootstrap is not None
-        mount = _rafs_mount(bootstrap, config_path, blob_dir, blob_files, cache_dir, prefetch_files)
+        mount = rafs_mount(bootstrap, config_path, blob_dir, blob_files, cache_dir, prefetch_files)
     config = DaemonConfig(
         listen=SocketPath(socket_path)
         if socket_path is not None
         else InheritedSocket(listen_fd or 0),
-        mount=mount,
+        mounts=(("/", mount),),
         num_request_queues=num_request_queues,
     )
     try:
         Daemon(config).run()
     except MountError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:  # a socket that cannot be bound
         raise click.ClickException(str(e)) from None
 
 
@@ -159,34 +141,3 @@ _CACHE_POLICIES: dict[str, CachePolicy] = {
     "none": "never",
     "metadata": "auto",
 }
-
-
-def _rafs_mount(
-    bootstrap: str,
-    config_path: str | None,
-    blob_dir: str | None,
-    blob_files: tuple[str, ...],
-    cache_dir: str | None,
-    prefetch_files: str | None,
-) -> RafsMountConfig:
-    """The image mount the flags describe; a config or list that cannot be read or parsed
-    fails here, before anything opens."""
-    try:
-        if config_path is not None:
-            if blob_dir or cache_dir:
-                raise click.UsageError("--config replaces --blob-dir and --cache-dir")
-            with open(config_path, "rb") as f:
-                storage = parse_config(f.read())
-        else:
-            storage = RafsConfig.from_flags(
-                blob_dir=blob_dir, blob_files=blob_files, cache_dir=cache_dir
-            )
-        paths = _read_prefetch_list(prefetch_files) if prefetch_files else ()
-    except (ConfigError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
-    return RafsMountConfig(bootstrap, storage, paths)
-
-
-def _read_prefetch_list(path: str) -> tuple[bytes, ...]:
-    with open(path, "rb") as f:
-        return tuple(line.strip() for line in f if line.strip())

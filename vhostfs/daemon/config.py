@@ -52,6 +52,12 @@ class InheritedSocket:
 
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
+    """`pseudo_root` False: `mounts` is one file system at "/", the whole export (virtiofsd's
+    way). True: the guest sees nydusd's pseudo root, with `mounts` as the initial mounts and
+    more added through the API at `api_socket`."""
+
     listen: SocketPath | InheritedSocket
-    mount: MountConfig
+    mounts: tuple[tuple[str, MountConfig], ...]  # (mountpoint, what to mount there)
     num_request_queues: int = 1
+    pseudo_root: bool = False
+    api_socket: str | None = None

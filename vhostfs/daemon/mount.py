@@ -99,6 +99,12 @@ class RafsMount(Mount):
         return self._fs
 
     @property
+    def image(self) -> RafsImage:
+        if self._image is None:
+            raise RuntimeError("mount is not open")
+        return self._image
+
+    @property
     def storage(self) -> ImageStorage:
         if self._storage is None:
             raise RuntimeError("mount is not open")

@@ -1,0 +1,61 @@
+"""What the daemon commands share: logging, and an image mount from flags."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from vhostfs.daemon import RafsMountConfig
+from vhostfs.storage import ConfigError, RafsConfig, parse_config
+
+LOG_LEVELS = ["error", "warn", "warning", "info", "debug", "trace"]
+
+
+def setup_logging(level: str, syslog: bool = False, log_file: str | None = None) -> None:
+    name = {"warn": "WARNING", "trace": "DEBUG"}.get(level, level.upper())
+    handler: logging.Handler
+    if syslog:
+        from logging.handlers import SysLogHandler
+
+        handler = SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("vhostfs[%(process)d]: %(levelname)s %(message)s"))
+    elif log_file is not None:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=name, handlers=[handler])
+
+
+def rafs_mount(
+    bootstrap: str,
+    config_path: str | None,
+    blob_dir: str | None,
+    blob_files: tuple[str, ...],
+    cache_dir: str | None,
+    prefetch_files: str | None,
+) -> RafsMountConfig:
+    """The image mount the flags describe; a config or list that cannot be read or parsed
+    fails here, before anything opens."""
+    try:
+        if config_path is not None:
+            if blob_dir or cache_dir:
+                raise click.UsageError("--config replaces --blob-dir and --cache-dir")
+            with open(config_path, "rb") as f:
+                storage = parse_config(f.read())
+        else:
+            storage = RafsConfig.from_flags(
+                blob_dir=blob_dir, blob_files=blob_files, cache_dir=cache_dir
+            )
+        paths = _read_prefetch_list(prefetch_files) if prefetch_files else ()
+    except (ConfigError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    return RafsMountConfig(bootstrap, storage, paths)
+
+
+def _read_prefetch_list(path: str) -> tuple[bytes, ...]:
+    with open(path, "rb") as f:
+        return tuple(line.strip() for line in f if line.strip())
