@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 import uvloop
 import zstandard
 
-from vhostfs.rafs.blob import BlobInfo
-from vhostfs.rafs.chunk import ChunkRef, Compressor, Digester, digest_of
 from vhostfs.segments import FileSlice, Segment
-from vhostfs.storage.backend import BackendCounters, BlobBackend
+from vhostfs.storage.backend import BlobBackend
+from vhostfs.storage.blob import BlobInfo, ChunkRef, Compressor, Digester
+from vhostfs.storage.codec import digest_of
 
 T = TypeVar("T")
 
@@ -142,22 +142,25 @@ def run_to_completion_without_suspending(coro: Coroutine[Any, Any, T]) -> T:
 
 
 class RecordingBackend:
-    """Wraps a real backend: records every request and can hold requests at a gate."""
+    """Wraps a real backend: records every request (before any gate) and the bytes returned,
+    and can hold requests at a gate."""
 
     def __init__(self, inner: BlobBackend) -> None:
         self.inner = inner
         self.requests: list[tuple[str, int, int]] = []
+        self.returned_bytes = 0
         self.gate: Callable[[str, int, int], Awaitable[None]] | None = None
-
-    @property
-    def counters(self) -> BackendCounters:
-        return self.inner.counters
 
     async def read(self, blob_id: str, offset: int, size: int) -> bytes:
         self.requests.append((blob_id, offset, size))
         if self.gate is not None:
             await self.gate(blob_id, offset, size)
-        return await self.inner.read(blob_id, offset, size)
+        data = await self.inner.read(blob_id, offset, size)
+        self.returned_bytes += len(data)
+        return data
 
-    def close(self) -> None:
-        self.inner.close()
+    async def blob_size(self, blob_id: str) -> int:
+        return await self.inner.blob_size(blob_id)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.storage.blobs import Blob, RecordingBackend, build_blob, materialize, run
-from vhostfs.rafs.chunk import IN_BOOTSTRAP, ZERO_FILL, ChunkRef, Compressor
-from vhostfs.storage.fetch import FetchOptions, ImageStorage
+from vhostfs.storage.blob import IN_BOOTSTRAP, ZERO_FILL, ChunkRef, Compressor
+from vhostfs.storage.cache import ChunkCache
+from vhostfs.storage.image_storage import FetchOptions, ImageStorage
 from vhostfs.storage.localfs import LocalFsBackend
 from vhostfs.storage.prefetch import Prefetcher, TokenBucket
 
@@ -69,7 +70,7 @@ def test_prefetch_warms_everything_once(tmp_path: Path, blob_dir: Path) -> None:
         prefetcher.start([*extras, *blob.refs, *blob.refs])  # repeats are skipped
         await prefetcher.wait()
         cache = storage._blobs[0].cache
-        assert cache is not None and cache.ready_count() == 32
+        assert isinstance(cache, ChunkCache) and cache.ready_count() == 32
         assert prefetcher.stats.chunks == 30 and prefetcher.stats.failed_chunks == 0
         assert sum(size for _, _, size in backend.requests) == sum(
             ref.compressed_size for i, ref in enumerate(blob.refs) if i not in (5, 6)
@@ -94,7 +95,7 @@ def test_prefetch_respects_the_bandwidth_limit(tmp_path: Path, blob_dir: Path, r
         prefetcher.start(blob.refs)
         await prefetcher.wait()
         elapsed = time.monotonic() - began
-        assert backend.counters.bytes == total
+        assert backend.returned_bytes == total
         await storage.aclose()
         return elapsed
 
@@ -123,7 +124,7 @@ def test_prefetch_waits_while_a_guest_read_misses(tmp_path: Path, blob_dir: Path
                 await asyncio.sleep(0.003)  # a slowish backend for prefetch traffic
 
         backend.gate = gate
-        prefetcher = Prefetcher(storage, merging_size=CHUNK, threads=2)
+        prefetcher = Prefetcher(storage, merging_size=CHUNK, max_batches=2)
         prefetcher.start(blob.refs[:60])
         await asyncio.sleep(0.02)
         guest = asyncio.ensure_future(storage.read([guest_ref], *blob.chunk_range(63)))
@@ -162,7 +163,7 @@ def test_a_guest_read_joins_a_chunk_being_prefetched(tmp_path: Path, blob_dir: P
         release.set()
         assert materialize(await guest) == blob.chunks[0]
         await prefetcher.wait()
-        assert backend.counters.requests == 4
+        assert len(backend.requests) == 4
         await storage.aclose()
 
     run(scenario())
@@ -182,10 +183,10 @@ def test_stop_cancels_cleanly(
         await prefetcher.stop()
         assert time.monotonic() - began < 0.1
         assert prefetcher.done
-        fetched = backend.counters.requests
+        fetched = len(backend.requests)
         assert 0 < fetched < 64
         await asyncio.sleep(0.1)
-        assert backend.counters.requests == fetched
+        assert len(backend.requests) == fetched
         # The storage serves on, and closes with nothing left running.
         assert materialize(await storage.read(blob.refs[-1:], *blob.chunk_range(63)))
         await storage.aclose()

@@ -10,7 +10,8 @@ prefetcher both want is fetched once.
 The guest always goes first: before each batch the prefetcher waits until no guest read is
 waiting for a fetch, and it yields to the event loop between batches. A token bucket holds the
 backend bytes it starts to `bandwidth_rate` per second (0: unlimited), with a burst of a tenth
-of a second's worth. At most `threads` batches are in flight at once.
+of a second's worth. At most `max_batches` batches are in flight at once (the config's
+`threads_count`: nydusd runs that many worker threads, here batches are coroutines).
 """
 
 from __future__ import annotations
@@ -21,14 +22,12 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Final
 
-from vhostfs.rafs.chunk import ChunkRef
-from vhostfs.storage.fetch import ImageStorage
+from vhostfs.storage.blob import ChunkRef
+from vhostfs.storage.defaults import DEFAULT_MERGING_SIZE, DEFAULT_PREFETCH_CONCURRENCY
+from vhostfs.storage.image_storage import ImageStorage
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MERGING_SIZE: Final = 1 << 20
 
 
 class TokenBucket:
@@ -81,12 +80,12 @@ class Prefetcher:
         *,
         bandwidth_rate: int = 0,
         merging_size: int = DEFAULT_MERGING_SIZE,
-        threads: int = 8,
+        max_batches: int = DEFAULT_PREFETCH_CONCURRENCY,
     ) -> None:
         self._storage = storage
         self._bucket = TokenBucket(bandwidth_rate)
         self._merging_size = max(merging_size, 1)
-        self._slots = asyncio.Semaphore(max(threads, 1))
+        self._slots = asyncio.Semaphore(max(max_batches, 1))
         self._task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self.stats = PrefetchStats()
@@ -114,6 +113,10 @@ class Prefetcher:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+    async def aclose(self) -> None:
+        """The same as stop(), under the name the other closable parts use."""
+        await self.stop()
 
     async def _run(self, refs: Iterable[ChunkRef]) -> None:
         try:

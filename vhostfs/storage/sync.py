@@ -1,0 +1,105 @@
+"""A blocking facade over an image's storage, for the offline tools (`vhostfs check`, `unpack`,
+`inspect`) and the blob meta reader.
+
+It runs the same ImageStorage and backend as the daemon on a private event loop, so every
+backend the server can mount (a registry included, once it exists) also serves the tools, and
+the bytes go through the same fetch and decode path. There is no chunk cache: a tool reads each
+chunk once. Errors are raised, not logged; the caller reports them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Coroutine, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from vhostfs.segments import FileSlice
+from vhostfs.storage.assemble import open_storage
+from vhostfs.storage.blob import BlobInfo, ChunkRef
+from vhostfs.storage.config import RafsConfig
+from vhostfs.storage.errors import StorageError
+from vhostfs.storage.image_storage import ImageStorage
+
+_T = TypeVar("_T")
+
+
+class SyncStorage:
+    """ImageStorage with blocking calls. Use as a context manager, or call close()."""
+
+    def __init__(
+        self,
+        config: RafsConfig,
+        blobs: Sequence[BlobInfo],
+        *,
+        bootstrap: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.blobs = tuple(blobs)
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._storage: ImageStorage = self._run(self._open(config, bootstrap))
+        except BaseException:
+            self._loop.close()
+            raise
+
+    async def _open(
+        self, config: RafsConfig, bootstrap: str | os.PathLike[str] | None
+    ) -> ImageStorage:
+        # Built on the loop: the storage's events and futures belong to it.
+        return open_storage(
+            config, self.blobs, bootstrap=bootstrap, use_cache=False, log_failures=False
+        )
+
+    def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        return self._loop.run_until_complete(coroutine)
+
+    def read(self, chunks: Sequence[ChunkRef], start: int, end: int) -> bytes:
+        """File bytes [start, end), which `chunks` (as RafsImage.chunks returns them) cover."""
+        segments = self._run(self._storage.read(chunks, start, end))
+        out = bytearray()
+        for segment in segments:
+            if isinstance(segment, FileSlice):
+                out += _pread_exactly(segment)
+            else:
+                out += segment
+        return bytes(out)
+
+    def read_blob(self, blob: BlobInfo, offset: int, size: int) -> bytes:
+        """Exactly `size` stored bytes of the blob at `offset`."""
+        return self._run(self._storage.read_blob(blob.index, offset, size))
+
+    def blob_size(self, blob: BlobInfo) -> int:
+        return self._run(self._storage.blob_size(blob.index))
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self._storage.aclose())
+        finally:
+            self._loop.close()
+
+    def __enter__(self) -> SyncStorage:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _pread_exactly(piece: FileSlice) -> bytes:
+    data = bytearray()
+    while len(data) < piece.size:
+        try:
+            more = os.pread(piece.fd, piece.size - len(data), piece.pos + len(data))
+        except OSError as e:
+            raise StorageError(f"reading {piece.size} bytes at {piece.pos}: {e.strerror}") from e
+        if not more:
+            raise StorageError(f"file ends inside bytes {piece.pos}..{piece.pos + piece.size}")
+        data += more
+    return bytes(data)
