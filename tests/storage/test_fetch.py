@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from tests.storage.blobs import (
     Blob,
+    Gate,
     RecordingBackend,
     build_blob,
     materialize,
@@ -251,19 +252,15 @@ def test_hits_keep_flowing_while_a_miss_waits(tmp_path: Path, blob_dir: Path) ->
     async def scenario() -> None:
         storage, backend = make_storage(tmp_path, [blob])
         await read_all(storage, blob, 0, CHUNK)
-        release = asyncio.Event()
-
-        async def hold(blob_id: str, offset: int, size: int) -> None:
-            await release.wait()
-
-        backend.gate = hold
+        gate = Gate()
+        backend.gate = gate
         miss = asyncio.ensure_future(read_all(storage, blob, 5 * CHUNK, 6 * CHUNK))
-        await asyncio.sleep(0.01)
+        await gate.reached(1)  # the miss is at the backend
         assert not miss.done()
         for _ in range(100):
             segments = run_to_completion_without_suspending(storage.read(blob.refs[:1], 0, CHUNK))
             assert materialize(segments) == blob.chunks[0]
-        release.set()
+        gate.release.set()
         assert await miss == blob.chunks[5]
         await storage.aclose()
 
@@ -277,18 +274,16 @@ def test_an_interrupted_reader_does_not_cancel_the_shared_fetch(
 
     async def scenario() -> None:
         storage, backend = make_storage(tmp_path, [blob])
-        release = asyncio.Event()
-
-        async def hold(blob_id: str, offset: int, size: int) -> None:
-            await release.wait()
-
-        backend.gate = hold
+        gate = Gate()
+        backend.gate = gate
         first = asyncio.ensure_future(read_all(storage, blob, 0, CHUNK))
         second = asyncio.ensure_future(read_all(storage, blob, 0, CHUNK))
-        await asyncio.sleep(0.01)
+        await gate.reached(1)  # both readers wait for the one fetch, which is at the backend
+        assert not first.done() and not second.done()
         first.cancel()
-        await asyncio.sleep(0.01)
-        release.set()
+        await asyncio.wait([first])  # the cancellation has gone through
+        assert not second.done()
+        gate.release.set()
         assert await second == blob.chunks[0]
         assert first.cancelled()
         assert len(backend.requests) == 1
@@ -302,14 +297,10 @@ def test_close_fails_waiting_reads_and_later_reads(tmp_path: Path, blob_dir: Pat
 
     async def scenario() -> None:
         storage, backend = make_storage(tmp_path, [blob])
-        never = asyncio.Event()
-
-        async def hold(blob_id: str, offset: int, size: int) -> None:
-            await never.wait()
-
-        backend.gate = hold
+        gate = Gate()  # never released
+        backend.gate = gate
         waiting = asyncio.ensure_future(read_all(storage, blob, 0, CHUNK))
-        await asyncio.sleep(0.01)
+        await gate.reached(1)
         await storage.aclose()
         with pytest.raises(StorageClosedError, match="closed"):
             await waiting

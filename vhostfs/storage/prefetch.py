@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from vhostfs.storage.blob import ChunkRef
@@ -37,21 +37,30 @@ class TokenBucket:
     the long-run rate holds whatever sizes they ask for.
     """
 
-    def __init__(self, rate: int, burst: int | None = None) -> None:
+    def __init__(
+        self,
+        rate: int,
+        burst: int | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.rate = rate
         self.burst = rate // 10 if burst is None else burst
+        self._clock = clock  # both replaceable, so tests can count tokens, not wall time
+        self._sleep = sleep
         self._tokens = float(self.burst)
-        self._last = time.monotonic()
+        self._last = clock()
 
     async def take(self, amount: int) -> None:
         if self.rate <= 0:
             return
-        now = time.monotonic()
+        now = self._clock()
         self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
         self._last = now
         self._tokens -= amount
         if self._tokens < 0:
-            await asyncio.sleep(-self._tokens / self.rate)
+            await self._sleep(-self._tokens / self.rate)
 
 
 @dataclass(slots=True)
