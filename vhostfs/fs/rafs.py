@@ -55,7 +55,8 @@ ATTR_CACHE_SIZE = 8192
 
 
 class DataSource(Protocol):
-    """Where file bytes come from: the storage layer (chunk fetch, verify, cache)."""
+    """Where file bytes come from: the storage layer (chunk fetch, verify, cache), that is
+    vhostfs.storage.ImageStorage (open_storage builds it); tests may pass their own."""
 
     @property
     def config(self) -> RafsConfig | None:

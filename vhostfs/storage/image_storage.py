@@ -19,12 +19,12 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from vhostfs.segments import Segment
 from vhostfs.storage.backend import BlobBackend, LocalBlobFiles
 from vhostfs.storage.blob import IN_BOOTSTRAP, ZERO_FILL, BlobInfo, ChunkRef, blob_names
 from vhostfs.storage.cache import ChunkCache
+from vhostfs.storage.config import RafsConfig
 from vhostfs.storage.defaults import DEFAULT_AMPLIFY_IO, IO_THREADS
 from vhostfs.storage.errors import BackendError, ChunkRefError, StorageClosedError
 from vhostfs.storage.flight import SingleFlight
@@ -38,9 +38,6 @@ from vhostfs.storage.plan import (
     fill_pending,
     sizes_error,
 )
-
-if TYPE_CHECKING:
-    from vhostfs.storage.config import RafsConfig
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 from vhostfs.storage.backend import BackendError, LocalFile
 from vhostfs.storage.defaults import IO_THREADS
+from vhostfs.storage.fileio import pread_full
 
 _MAX_FILE_OFFSET = (1 << 63) - 1
 
@@ -86,19 +87,18 @@ class LocalFsBackend:
         if offset < 0 or size < 0 or offset + size > _MAX_FILE_OFFSET:
             raise BackendError(f"blob {blob_id}: {offset}+{size} is not a file range")
         blob = self.local_file(blob_id)
-        first = _pread_once(blob, blob_id, offset, size)
-        if len(first) == size:
-            return first
-        data = bytearray(first)
-        while len(data) < size:
-            piece = _pread_once(blob, blob_id, offset + len(data), size - len(data))
-            if not piece:
-                raise BackendError(
-                    f"blob {blob_id}: bytes {offset}..{offset + size} run past the end of the "
-                    f"blob file {self.path_of(blob_id)} ({os.fstat(blob.fd).st_size} bytes)"
-                )
-            data += piece
-        return bytes(data)
+        try:
+            data = pread_full(blob.fd, size, offset)
+        except OSError as e:
+            raise BackendError(
+                f"blob {blob_id}: bytes {offset}..{offset + size}: {e.strerror}"
+            ) from e
+        if len(data) < size:
+            raise BackendError(
+                f"blob {blob_id}: bytes {offset}..{offset + size} run past the end of the "
+                f"blob file {self.path_of(blob_id)} ({os.fstat(blob.fd).st_size} bytes)"
+            )
+        return data
 
     async def aclose(self) -> None:
         if self._own_executor:
@@ -107,10 +107,3 @@ class LocalFsBackend:
             opened, self._open = self._open, {}
         for blob in opened.values():
             os.close(blob.fd)
-
-
-def _pread_once(blob: LocalFile, blob_id: str, offset: int, size: int) -> bytes:
-    try:
-        return os.pread(blob.fd, size, offset)
-    except OSError as e:
-        raise BackendError(f"blob {blob_id}: bytes {offset}..{offset + size}: {e.strerror}") from e

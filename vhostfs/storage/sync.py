@@ -20,6 +20,7 @@ from vhostfs.storage.assemble import open_storage
 from vhostfs.storage.blob import BlobInfo, ChunkRef
 from vhostfs.storage.config import RafsConfig
 from vhostfs.storage.errors import StorageError
+from vhostfs.storage.fileio import pread_full
 from vhostfs.storage.image_storage import ImageStorage
 
 _T = TypeVar("_T")
@@ -93,13 +94,10 @@ class SyncStorage:
 
 
 def _pread_exactly(piece: FileSlice) -> bytes:
-    data = bytearray()
-    while len(data) < piece.size:
-        try:
-            more = os.pread(piece.fd, piece.size - len(data), piece.pos + len(data))
-        except OSError as e:
-            raise StorageError(f"reading {piece.size} bytes at {piece.pos}: {e.strerror}") from e
-        if not more:
-            raise StorageError(f"file ends inside bytes {piece.pos}..{piece.pos + piece.size}")
-        data += more
-    return bytes(data)
+    try:
+        data = pread_full(piece.fd, piece.size, piece.pos)
+    except OSError as e:
+        raise StorageError(f"reading {piece.size} bytes at {piece.pos}: {e.strerror}") from e
+    if len(data) < piece.size:
+        raise StorageError(f"file ends inside bytes {piece.pos}..{piece.pos + piece.size}")
+    return data
