@@ -19,7 +19,7 @@ from vhostfs.segments import FileSlice
 from vhostfs.storage.assemble import open_storage
 from vhostfs.storage.blob import BlobInfo, ChunkRef
 from vhostfs.storage.config import RafsConfig
-from vhostfs.storage.errors import StorageError
+from vhostfs.storage.errors import StorageClosedError, StorageError
 from vhostfs.storage.fileio import pread_full
 from vhostfs.storage.image_storage import ImageStorage
 
@@ -53,6 +53,9 @@ class SyncStorage:
         )
 
     def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        if self._loop.is_closed():
+            coroutine.close()
+            raise StorageClosedError("image storage is closed")
         return self._loop.run_until_complete(coroutine)
 
     def read(self, chunks: Sequence[ChunkRef], start: int, end: int) -> bytes:
