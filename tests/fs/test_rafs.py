@@ -200,3 +200,23 @@ def test_the_image_flag_serves_xattrs_whatever_the_config(fs: RafsFs) -> None:
         assert RafsFs(fs.image, fs.data, enable_xattr=False).serves_xattrs
     finally:
         fs.image.has_xattr_flag = False
+
+
+def test_data_that_cannot_be_fetched_is_eio_for_the_guest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bootstrap = FIXTURES / "v6/rafs-v6-2.2.boot"
+    (tmp_path / "empty").mkdir()
+    with open_image(bootstrap) as image:
+        storage = open_storage(RafsConfig.from_flags(blob_dir=tmp_path / "empty"), image.blobs)
+        fs = RafsFs(image, storage)
+
+        async def read_lib_rs() -> None:
+            node = await node_of(fs, b"/lib.rs")
+            await fs.read(node, FileHandle(0), 0, 4096, ROOT)
+
+        with pytest.raises(FuseError) as failed:
+            run(read_lib_rs())
+        assert failed.value.errno == errno.EIO
+        run(storage.aclose())
+    assert any("not found in" in record.getMessage() for record in caplog.records)
