@@ -354,17 +354,20 @@ def _mirror(mirror: _Object) -> MirrorConfig:
     host = mirror.string("host")
     if not host:
         raise ConfigError(f"{mirror.path('host')}: must not be empty")
-    headers = mirror.section("headers") if mirror.has("headers") else _Object({}, "")
     return MirrorConfig(
         host=host,
         ping_url=mirror.string("ping_url", ""),
-        headers=tuple(Header(name, Secret(headers.string(name))) for name in headers.names()),
+        headers=_headers(mirror.section("headers")) if mirror.has("headers") else (),
         health_check_interval=mirror.integer("health_check_interval", 5, 0, _SECONDS_MAX),
         failure_limit=mirror.integer("failure_limit", 5, 0, _SECONDS_MAX),
         health_check_pause_elapsed=mirror.integer(
             "health_check_pause_elapsed", 300, 0, _SECONDS_MAX
         ),
     )
+
+
+def _headers(headers: _Object) -> tuple[Header, ...]:
+    return tuple(Header(name, Secret(headers.string(name))) for name in headers.names())
 
 
 _BACKEND_PARSERS: Final[dict[str, Callable[[_Object], BackendConfig]]] = {
