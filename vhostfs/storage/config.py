@@ -33,10 +33,21 @@ import enum
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, Literal, TypeAlias
+from typing import Any, Final, Literal
 
+from vhostfs.storage.backend_config import (
+    BACKEND_PARSERS,
+    BackendConfig,
+    Header,
+    HttpProxyConfig,
+    LocalFsConfig,
+    MirrorConfig,
+    ProxyConfig,
+    RegistryConfig,
+)
+from vhostfs.storage.config_fields import ConfigError, JsonObject, UnsupportedConfigError
 from vhostfs.storage.defaults import (
     DEFAULT_AMPLIFY_IO,
     DEFAULT_MERGING_SIZE,
@@ -46,6 +57,24 @@ from vhostfs.storage.defaults import (
 )
 from vhostfs.storage.secret import Secret
 
+# Defined beside the parts they describe; importable from here, the config's front door.
+__all__ = [
+    "BackendConfig",
+    "CacheConfig",
+    "ConfigError",
+    "Header",
+    "HttpProxyConfig",
+    "LocalFsConfig",
+    "MirrorConfig",
+    "PrefetchConfig",
+    "ProxyConfig",
+    "RafsConfig",
+    "RegistryConfig",
+    "UnsupportedConfigError",
+    "config_from_json",
+    "parse_config",
+]
+
 log = logging.getLogger(__name__)
 
 _NO_CACHE: Final = ("", "dummycache", "none")
@@ -53,102 +82,6 @@ _BLOBCACHE: Final = ("blobcache", "filecache")
 _REFUSED_BACKENDS: Final = ("oss", "s3", "localdisk")
 # Parsed so that a mount can name them, but nothing behind them yet.
 _NOT_COLLECTED: Final = ("iostats_files", "access_pattern", "latest_read_files")
-_SECONDS_MAX: Final = (1 << 32) - 1
-
-
-class ConfigError(ValueError):
-    """The config cannot be used; the message starts with the offending key path."""
-
-
-class UnsupportedConfigError(ConfigError):
-    """Well-formed, but asks for something vhostfs does not do (yet)."""
-
-
-# --- Backends ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class LocalFsConfig:
-    """Where blob files are: see vhostfs.storage.localfs for the lookup order."""
-
-    kind: ClassVar[str] = "localfs"
-    dir: str | None = None
-    alt_dirs: tuple[str, ...] = ()
-    blob_file: str | None = None
-    # From the CLI's repeatable `--blob FILE`: the files of the image's blobs, in blob-table
-    # (device-table) order, for images whose device slots carry no blob id.
-    blob_files: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyConfig:
-    """An HTTP forward proxy in front of the origin (Dragonfly's dfdaemon); "" url: none."""
-
-    url: str = ""
-    ping_url: str = ""
-    fallback: bool = True  # go to the origin when the proxy fails
-    check_interval: int = 5  # seconds between health pings
-    use_http: bool = False  # rewrite https to http in URLs sent through the proxy
-    check_pause_elapsed: int = 300  # seconds of backend inactivity after which pings pause
-
-
-@dataclass(frozen=True, slots=True)
-class Header:
-    """An extra HTTP header; its value is a Secret because such headers carry tokens."""
-
-    name: str
-    value: Secret
-
-
-@dataclass(frozen=True, slots=True)
-class MirrorConfig:
-    """A registry mirror (nydus up to v2.3.4). Header values often carry credentials."""
-
-    host: str  # base URL with scheme, e.g. http://127.0.0.1:65001
-    ping_url: str = ""
-    headers: tuple[Header, ...] = ()
-    health_check_interval: int = 5
-    failure_limit: int = 5
-    health_check_pause_elapsed: int = 300
-
-
-@dataclass(frozen=True, slots=True)
-class RegistryConfig:
-    """An OCI registry: blobs are `{scheme}://{host}/v2/{repo}/blobs/sha256:{blob_id}`."""
-
-    kind: ClassVar[str] = "registry"
-    host: str
-    repo: str
-    scheme: str = "https"
-    auth: Secret | None = None  # base64 of user:password
-    registry_token: Secret | None = None  # a bearer token used as is
-    skip_verify: bool = False
-    ca_cert_files: tuple[str, ...] = ()
-    timeout: int = 5  # seconds, 0: none
-    connect_timeout: int = 5
-    retry_limit: int = 0
-    blob_url_scheme: str = ""
-    blob_redirected_host: str = ""
-    proxy: ProxyConfig = field(default_factory=ProxyConfig)
-    mirrors: tuple[MirrorConfig, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class HttpProxyConfig:
-    """Blobs from an HTTP server (or a Unix socket) at `addr`, under `path`."""
-
-    kind: ClassVar[str] = "http-proxy"
-    addr: str
-    path: str = ""
-    skip_verify: bool = False
-    ca_cert_files: tuple[str, ...] = ()
-    timeout: int = 5
-    connect_timeout: int = 5
-    retry_limit: int = 0
-    proxy: ProxyConfig = field(default_factory=ProxyConfig)
-
-
-BackendConfig: TypeAlias = LocalFsConfig | RegistryConfig | HttpProxyConfig
 
 
 # --- Cache, prefetch, the whole config ----------------------------------------------------------
@@ -241,7 +174,7 @@ def parse_config(text: str | bytes) -> RafsConfig:
 
 
 def config_from_json(document: object) -> RafsConfig:
-    root = _Object.of(document, "config")
+    root = JsonObject.of(document, "config")
     if root.has("version"):
         raise UnsupportedConfigError(
             f"{root.path('version')}: v2 configs are not supported yet, use the v1 JSON format"
@@ -268,116 +201,19 @@ def config_from_json(document: object) -> RafsConfig:
     return config
 
 
-def _backend(backend: _Object) -> BackendConfig:
+def _backend(backend: JsonObject) -> BackendConfig:
     kind = backend.string("type")
     if kind in _REFUSED_BACKENDS:
         raise UnsupportedConfigError(
             f"{backend.path('type')}: the {kind!r} backend is not supported yet (only localfs)"
         )
-    parse = _BACKEND_PARSERS.get(kind)
+    parse = BACKEND_PARSERS.get(kind)
     if parse is None:
         raise ConfigError(f"{backend.path('type')}: unknown backend type {kind!r}")
     return parse(backend.section("config"))
 
 
-def _localfs(config: _Object) -> LocalFsConfig:
-    dir_ = config.optional_string("dir")
-    blob_file = config.optional_string("blob_file")
-    if not dir_ and not blob_file:
-        raise ConfigError(f"{config.path('dir')}: localfs needs a dir or a blob_file")
-    return LocalFsConfig(
-        dir=dir_ or None,
-        alt_dirs=tuple(config.strings("alt_dirs")),
-        blob_file=blob_file or None,
-    )
-
-
-def _registry(config: _Object) -> RegistryConfig:
-    host = config.string("host")
-    repo = config.string("repo")
-    for key, value in (("host", host), ("repo", repo)):
-        if not value:
-            raise ConfigError(f"{config.path(key)}: must not be empty")
-    mirrors = tuple(_mirror(mirror) for mirror in config.sections("mirrors"))
-    proxy = _proxy(config.section("proxy")) if config.has("proxy") else ProxyConfig()
-    if mirrors and proxy.url:
-        raise ConfigError(f"{config.path('mirrors')}: cannot be used together with a proxy")
-    return RegistryConfig(
-        host=host,
-        repo=repo,
-        scheme=config.string("scheme", "https"),
-        auth=config.optional_secret("auth"),
-        registry_token=config.optional_secret("registry_token"),
-        skip_verify=config.boolean("skip_verify", False),
-        ca_cert_files=tuple(config.strings("ca_cert_files")),
-        timeout=config.integer("timeout", 5, 0, _SECONDS_MAX),
-        connect_timeout=config.integer("connect_timeout", 5, 0, _SECONDS_MAX),
-        retry_limit=config.integer("retry_limit", 0, 0, 255),
-        blob_url_scheme=config.string("blob_url_scheme", ""),
-        blob_redirected_host=config.string("blob_redirected_host", ""),
-        proxy=proxy,
-        mirrors=mirrors,
-    )
-
-
-def _http_proxy(config: _Object) -> HttpProxyConfig:
-    addr = config.string("addr")
-    if not addr.startswith(("http://", "https://", "/")):
-        raise ConfigError(
-            f"{config.path('addr')}: expected an http:// or https:// URL or the absolute path "
-            f"of a Unix socket, got {addr!r}"
-        )
-    return HttpProxyConfig(
-        addr=addr,
-        path=config.string("path", ""),
-        skip_verify=config.boolean("skip_verify", False),
-        ca_cert_files=tuple(config.strings("ca_cert_files")),
-        timeout=config.integer("timeout", 5, 0, _SECONDS_MAX),
-        connect_timeout=config.integer("connect_timeout", 5, 0, _SECONDS_MAX),
-        retry_limit=config.integer("retry_limit", 0, 0, 255),
-        proxy=_proxy(config.section("proxy")) if config.has("proxy") else ProxyConfig(),
-    )
-
-
-def _proxy(proxy: _Object) -> ProxyConfig:
-    return ProxyConfig(
-        url=proxy.string("url", ""),
-        ping_url=proxy.string("ping_url", ""),
-        fallback=proxy.boolean("fallback", True),
-        check_interval=proxy.integer("check_interval", 5, 0, _SECONDS_MAX),
-        use_http=proxy.boolean("use_http", False),
-        check_pause_elapsed=proxy.integer("check_pause_elapsed", 300, 0, _SECONDS_MAX),
-    )
-
-
-def _mirror(mirror: _Object) -> MirrorConfig:
-    host = mirror.string("host")
-    if not host:
-        raise ConfigError(f"{mirror.path('host')}: must not be empty")
-    return MirrorConfig(
-        host=host,
-        ping_url=mirror.string("ping_url", ""),
-        headers=_headers(mirror.section("headers")) if mirror.has("headers") else (),
-        health_check_interval=mirror.integer("health_check_interval", 5, 0, _SECONDS_MAX),
-        failure_limit=mirror.integer("failure_limit", 5, 0, _SECONDS_MAX),
-        health_check_pause_elapsed=mirror.integer(
-            "health_check_pause_elapsed", 300, 0, _SECONDS_MAX
-        ),
-    )
-
-
-def _headers(headers: _Object) -> tuple[Header, ...]:
-    return tuple(Header(name, Secret(headers.string(name))) for name in headers.names())
-
-
-_BACKEND_PARSERS: Final[dict[str, Callable[[_Object], BackendConfig]]] = {
-    LocalFsConfig.kind: _localfs,
-    RegistryConfig.kind: _registry,
-    HttpProxyConfig.kind: _http_proxy,
-}
-
-
-def _cache(cache: _Object) -> CacheConfig | None:
+def _cache(cache: JsonObject) -> CacheConfig | None:
     kind = cache.string("type", "")
     if kind in _NO_CACHE:
         return None
@@ -395,7 +231,7 @@ def _cache(cache: _Object) -> CacheConfig | None:
     return CacheConfig(work_dir, sync_data=config.boolean("sync_data", False))
 
 
-def _prefetch(prefetch: _Object) -> PrefetchConfig:
+def _prefetch(prefetch: JsonObject) -> PrefetchConfig:
     return PrefetchConfig(
         enable=prefetch.boolean("enable", False),
         threads_count=prefetch.integer(
@@ -405,98 +241,3 @@ def _prefetch(prefetch: _Object) -> PrefetchConfig:
         bandwidth_rate=prefetch.integer("bandwidth_rate", 0, 0, 1 << 40),
         prefetch_all=prefetch.boolean("prefetch_all", False),
     )
-
-
-_REQUIRED: Final = object()
-
-
-class _Object:
-    """A JSON object and where it sits in the document, for error messages."""
-
-    def __init__(self, fields: Mapping[str, Any], where: str) -> None:
-        self._fields = fields
-        self._where = where
-
-    @classmethod
-    def of(cls, value: object, where: str) -> _Object:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected an object, got {_json_type(value)}")
-        return cls(value, where)
-
-    def path(self, key: str) -> str:
-        return key if self._where == "config" else f"{self._where}.{key}"
-
-    def names(self) -> list[str]:
-        return list(self._fields)
-
-    def has(self, key: str) -> bool:
-        return key in self._fields and self._fields[key] is not None
-
-    def _get(self, key: str, default: object) -> object:
-        if self.has(key):
-            return self._fields[key]
-        if default is _REQUIRED:
-            raise ConfigError(f"{self.path(key)}: required")
-        return default
-
-    def section(self, key: str) -> _Object:
-        return _Object.of(self._get(key, _REQUIRED), self.path(key))
-
-    def sections(self, key: str) -> list[_Object]:
-        value = self._get(key, [])
-        if not isinstance(value, list):
-            raise ConfigError(f"{self.path(key)}: expected a list of objects")
-        return [_Object.of(item, f"{self.path(key)}[{i}]") for i, item in enumerate(value)]
-
-    def string(self, key: str, default: object = _REQUIRED) -> str:
-        value = self._get(key, default)
-        if not isinstance(value, str):
-            raise ConfigError(f"{self.path(key)}: expected a string, got {_json_type(value)}")
-        return value
-
-    def optional_string(self, key: str) -> str | None:
-        return self.string(key) if self.has(key) else None
-
-    def optional_secret(self, key: str) -> Secret | None:
-        """A credential; blank (nydusd: whitespace only) means none."""
-        value = self.optional_string(key)
-        return Secret(value) if value is not None and value.strip() else None
-
-    def strings(self, key: str) -> list[str]:
-        value = self._get(key, [])
-        if not isinstance(value, list):
-            raise ConfigError(f"{self.path(key)}: expected a list of strings")
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                raise ConfigError(
-                    f"{self.path(key)}[{i}]: expected a string, got {_json_type(item)}"
-                )
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self._get(key, default)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{self.path(key)}: expected true or false, got {_json_type(value)}")
-        return value
-
-    def integer(self, key: str, default: int, low: int, high: int) -> int:
-        value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{self.path(key)}: expected an integer, got {_json_type(value)}")
-        if not low <= value <= high:
-            raise ConfigError(f"{self.path(key)}: {value} is outside {low}..{high}")
-        return value
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"
