@@ -6,7 +6,9 @@ FUSE or from the file systems: readers hand it the blob vocabulary defined here.
 - `blob`: BlobInfo, ChunkRef, Compressor, Digester: what a blob and a chunk are.
 - `codec`: bounded decompression and digests; `decode_chunk`, the one chunk decode path.
 - `errors`: StorageError (EIO) and its kinds, BackendError(retryable=...) among them.
-- `config`: nydusd's v1 JSON config and the CLI flags, as typed dataclasses; `secret`.
+- `config`: nydusd's v1 JSON config and the CLI flags, as typed dataclasses, with
+  `backend_config` (one dataclass per backend type), `config_fields` (key-path errors) and
+  `secret` (credentials that never show).
 - `assemble.open_storage`: one image's `ImageStorage` from its config and blob table.
 - `image_storage.ImageStorage.read`: chunk refs to segments (cache-file slices, bytes), with
   `plan` (the pieces of a reply), `flight` (single-flight fetches) and `decode` (decode and
@@ -15,7 +17,8 @@ FUSE or from the file systems: readers hand it the blob vocabulary defined here.
 - `backend` / `backends` / `localfs`: where blob bytes come from, a factory per backend type.
 - `prefetch`: background cache warming under a bandwidth limit, behind guest reads.
 - `sync.SyncStorage`: the same storage behind blocking calls, for the offline tools.
-- `metrics`: counters and the read-latency histogram; `defaults`: every default in one place.
+- `metrics`: counters and the read-latency histogram; `defaults`: every default in one place;
+  `fileio`: complete preads.
 """
 
 from vhostfs.storage.assemble import open_storage, prefetcher_for

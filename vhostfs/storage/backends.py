@@ -13,14 +13,13 @@ from concurrent.futures import Executor
 from typing import Final
 
 from vhostfs.storage.backend import BlobBackend
-from vhostfs.storage.config import (
+from vhostfs.storage.backend_config import (
     BackendConfig,
-    ConfigError,
     HttpProxyConfig,
     LocalFsConfig,
     RegistryConfig,
-    UnsupportedConfigError,
 )
+from vhostfs.storage.config_fields import ConfigError, UnsupportedConfigError
 from vhostfs.storage.localfs import LocalFsBackend
 
 # (the backend's config, the name of each blob of the image in table order, the I/O pool)
