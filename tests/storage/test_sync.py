@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from tests.storage.blobs import build_blob
-from vhostfs.storage import ChunkDecodeError, RafsConfig, StorageClosedError, SyncStorage
+from vhostfs.storage import (
+    ChunkDecodeError,
+    ConfigError,
+    RafsConfig,
+    StorageClosedError,
+    SyncStorage,
+)
 
 
 def test_reads_decode_and_verify_like_the_server(tmp_path: Path) -> None:
@@ -49,3 +55,10 @@ def test_close_is_final_and_idempotent(tmp_path: Path) -> None:
         storage.read(blob.refs[:1], *blob.chunk_range(0))
     with pytest.raises(StorageClosedError, match="closed"):
         storage.blob_size(blob.info)
+
+
+def test_a_refused_config_leaves_nothing_open(tmp_path: Path) -> None:
+    blob = build_blob(tmp_path)
+    config = RafsConfig.from_flags(blob_files=[blob.path, blob.path])
+    with pytest.raises(ConfigError, match="--blob: 2 files given"):
+        SyncStorage(config, [blob.info])

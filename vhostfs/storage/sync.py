@@ -37,20 +37,12 @@ class SyncStorage:
         bootstrap: str | os.PathLike[str] | None = None,
     ) -> None:
         self.blobs = tuple(blobs)
-        self._loop = asyncio.new_event_loop()
-        try:
-            self._storage: ImageStorage = self._run(self._open(config, bootstrap))
-        except BaseException:
-            self._loop.close()
-            raise
-
-    async def _open(
-        self, config: RafsConfig, bootstrap: str | os.PathLike[str] | None
-    ) -> ImageStorage:
-        # Built on the loop: the storage's events and futures belong to it.
-        return open_storage(
+        # Opened before the loop exists: the storage binds its futures to whichever loop runs
+        # it, and a failed open then cleans up without one.
+        self._storage: ImageStorage = open_storage(
             config, self.blobs, bootstrap=bootstrap, use_cache=False, log_failures=False
         )
+        self._loop = asyncio.new_event_loop()
 
     def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         if self._loop.is_closed():
