@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
+from tests.support.paths import NYDUS_FIXTURES as FIXTURES
 from vhostfs.fs.rafs import RafsFs
 from vhostfs.fuse.ops import ROOT_ID, FileHandle, FileSlice, FuseError, NodeId, RequestContext
 from vhostfs.rafs import open_image
-from vhostfs.storage import RafsConfig, open_storage
+from vhostfs.storage import RafsConfig, open_storage, parse_config
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "nydus"
 ROOT = RequestContext(uid=0, gid=0, pid=1)
 USER = RequestContext(uid=1000, gid=1000, pid=1)
+T = TypeVar("T")
 
 
-def run(coro):  # type: ignore[no-untyped-def]
+def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
@@ -32,6 +35,7 @@ def fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RafsFs]:
     config = RafsConfig.from_flags(blob_dir=bootstrap.parent, cache_dir=tmp_path / "cache")
     storage = open_storage(config, image.blobs, bootstrap=bootstrap)
     yield RafsFs(image, storage)
+    run(storage.aclose())
     image.close()
 
 
@@ -135,3 +139,84 @@ def test_lookup_below_a_file_is_enotdir(fs: RafsFs) -> None:
         return 0
 
     assert run(below(path)) == errno.ENOTDIR
+
+
+def first_file(fs: RafsFs, mode: int) -> bytes:
+    return next(p for p, _, attr in fs.image.walk() if attr.mode == stat.S_IFREG | mode)
+
+
+async def node_of(fs: RafsFs, path: bytes) -> NodeId:
+    node = ROOT_ID
+    for name in path.strip(b"/").split(b"/"):
+        node = (await fs.lookup(node, name, ROOT)).node_id
+    return node
+
+
+def test_access_refuses_what_the_mode_bits_do_not_grant(fs: RafsFs) -> None:
+    node = run(node_of(fs, first_file(fs, 0o644)))  # root's, readable by all, executable by none
+    run(fs.access(node, os.R_OK, USER))
+    for mask in (os.X_OK, os.R_OK | os.X_OK):
+        with pytest.raises(FuseError) as refused:
+            run(fs.access(node, mask, USER))
+        assert refused.value.errno == errno.EACCES
+    with pytest.raises(FuseError) as read_only:
+        run(fs.access(node, os.W_OK, ROOT))
+    assert read_only.value.errno == errno.EROFS
+
+
+def test_xattrs_are_served_when_enabled(fs: RafsFs) -> None:
+    assert fs.serves_xattrs  # from_flags enables them
+    assert run(fs.listxattr(ROOT_ID, ROOT)) == []
+    with pytest.raises(FuseError) as absent:
+        run(fs.getxattr(ROOT_ID, b"user.none", ROOT))
+    assert absent.value.errno == errno.ENODATA
+
+
+def test_disabled_xattrs_answer_enosys_as_nydusd_does(fs: RafsFs) -> None:
+    hidden = RafsFs(fs.image, fs.data, enable_xattr=False)
+    for call in (hidden.listxattr(ROOT_ID, ROOT), hidden.getxattr(ROOT_ID, b"user.x", ROOT)):
+        with pytest.raises(FuseError) as refused:
+            run(call)
+        assert refused.value.errno == errno.ENOSYS
+
+
+def test_the_mount_config_decides_about_xattrs(tmp_path: Path) -> None:
+    bootstrap = FIXTURES / "v6/rafs-v6-2.2.boot"
+    for enable, served in ((False, False), (True, True)):
+        document = {
+            "device": {"backend": {"type": "localfs", "config": {"dir": str(bootstrap.parent)}}},
+            "mode": "direct",
+            "enable_xattr": enable,
+        }
+        with open_image(bootstrap) as image:
+            storage = open_storage(parse_config(json.dumps(document)), image.blobs)
+            assert RafsFs(image, storage).serves_xattrs is served
+            run(storage.aclose())
+
+
+def test_the_image_flag_serves_xattrs_whatever_the_config(fs: RafsFs) -> None:
+    fs.image.has_xattr_flag = True
+    try:
+        assert RafsFs(fs.image, fs.data, enable_xattr=False).serves_xattrs
+    finally:
+        fs.image.has_xattr_flag = False
+
+
+def test_data_that_cannot_be_fetched_is_eio_for_the_guest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bootstrap = FIXTURES / "v6/rafs-v6-2.2.boot"
+    (tmp_path / "empty").mkdir()
+    with open_image(bootstrap) as image:
+        storage = open_storage(RafsConfig.from_flags(blob_dir=tmp_path / "empty"), image.blobs)
+        fs = RafsFs(image, storage)
+
+        async def read_lib_rs() -> None:
+            node = await node_of(fs, b"/lib.rs")
+            await fs.read(node, FileHandle(0), 0, 4096, ROOT)
+
+        with pytest.raises(FuseError) as failed:
+            run(read_lib_rs())
+        assert failed.value.errno == errno.EIO
+        run(storage.aclose())
+    assert any("not found in" in record.getMessage() for record in caplog.records)

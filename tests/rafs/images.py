@@ -8,15 +8,17 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from tests.support.paths import NYDUS_FIXTURES as FIXTURES
+from vhostfs import rafs
 from vhostfs.rafs import RafsImage
 from vhostfs.rafs.checksum import crc32c
+from vhostfs.storage import RafsConfig, SyncStorage
 
-# shared/ sits beside the checkout, here and in CI.
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "nydus"
 V5_DIR = FIXTURES / "v5"
 V5_BLOB_ID = "7334a2594e133cf8ae364189c2276b090fc490c627bcc3fb1077f0419a538e00"
 V5_BOOTSTRAPS = ["sha256-nocompress-repeatable", "blake3-lz4_block-non_repeatable"]
@@ -138,3 +140,32 @@ def refresh_erofs_checksum(data: bytearray) -> None:
         block = bytearray(data[1024:4096])
         block[4:8] = bytes(4)
         data[1028:1032] = crc32c(block).to_bytes(4, "little")
+
+
+def open_blobs(
+    image: RafsImage,
+    blob_dir: str | os.PathLike[str] | None = None,
+    blob_files: Sequence[str | os.PathLike[str]] = (),
+    *,
+    verify: bool = True,
+) -> SyncStorage:
+    """The image's storage as `vhostfs check` opens it from --blob-dir / --blob."""
+    config = RafsConfig.from_flags(blob_dir=blob_dir, blob_files=blob_files, digest_validate=verify)
+    return SyncStorage(config, image.blobs, bootstrap=image.path)
+
+
+def read_file(
+    image: RafsImage,
+    ino: int,
+    offset: int,
+    size: int,
+    blobs: SyncStorage | str | os.PathLike[str] | None = None,
+    *,
+    verify: bool = True,
+) -> bytes:
+    """File bytes through the storage layer: from an open storage, or from a blob directory
+    (None: no directory, no blob files)."""
+    if isinstance(blobs, SyncStorage):
+        return rafs.read_file(image, blobs, ino, offset, size)
+    with open_blobs(image, blobs, verify=verify) as storage:
+        return rafs.read_file(image, storage, ino, offset, size)

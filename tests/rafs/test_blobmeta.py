@@ -10,8 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.rafs.images import V5_BOOTSTRAPS, V5_DIR, V6_BLOB_ID, V6_BOOTSTRAP, V6_DIR, patched
-from vhostfs.rafs import BlobError, BlobInfo, BlobStore, Compressor, UnsupportedError, open_image
+from tests.rafs.images import (
+    V5_BOOTSTRAPS,
+    V5_DIR,
+    V6_BLOB_ID,
+    V6_BOOTSTRAP,
+    V6_DIR,
+    open_blobs,
+    patched,
+)
+from vhostfs.rafs import BlobError, UnsupportedError, open_image
 from vhostfs.rafs.blobmeta import (
     ChunkInfoArray,
     read_chunk_digests,
@@ -19,6 +27,7 @@ from vhostfs.rafs.blobmeta import (
     read_toc,
     read_toc_part,
 )
+from vhostfs.storage.blob import BlobInfo, Compressor
 
 BLOB = V6_DIR / V6_BLOB_ID
 TOC_START = 14554 - 1024
@@ -26,7 +35,7 @@ CI_HEADER = 8346
 
 
 def test_table_of_contents() -> None:
-    with open_image(V6_BOOTSTRAP) as image, BlobStore(blob_dir=V6_DIR) as store:
+    with open_image(V6_BOOTSTRAP) as image, open_blobs(image, V6_DIR) as store:
         toc = read_toc(store, image.blobs[0])
         assert [entry.name for entry in toc] == [
             "image.blob",
@@ -40,7 +49,7 @@ def test_table_of_contents() -> None:
 
 
 def test_chunk_infos_agree_with_the_chunk_table() -> None:
-    with open_image(V6_BOOTSTRAP) as image, BlobStore(blob_dir=V6_DIR) as store:
+    with open_image(V6_BOOTSTRAP) as image, open_blobs(image, V6_DIR) as store:
         infos = read_chunk_infos(store, image.blobs[0])
         assert len(infos) == 2
         for ino in (133, 136):
@@ -65,7 +74,7 @@ def test_chunk_infos_agree_with_the_chunk_table() -> None:
 
 
 def test_chunk_digests_agree_with_the_chunk_table() -> None:
-    with open_image(V6_BOOTSTRAP) as image, BlobStore(blob_dir=V6_DIR) as store:
+    with open_image(V6_BOOTSTRAP) as image, open_blobs(image, V6_DIR) as store:
         digests = read_chunk_digests(store, image.blobs[0])
         for ino in (133, 136):
             (ref,) = image.chunks(ino, 0, 1 << 20)
@@ -84,7 +93,7 @@ def test_damaged_toc(tmp_path: Path, offset: int, value: bytes, message: str) ->
     patched(BLOB, tmp_path / V6_BLOB_ID, {offset: value})
     with (
         open_image(V6_BOOTSTRAP) as image,
-        BlobStore(blob_dir=tmp_path) as store,
+        open_blobs(image, tmp_path) as store,
         pytest.raises(BlobError, match=message),
     ):
         read_toc(store, image.blobs[0])
@@ -105,7 +114,7 @@ def test_damaged_chunk_info_header(tmp_path: Path, offset: int, value: bytes, me
     patched(BLOB, tmp_path / V6_BLOB_ID, {offset: value})
     with (
         open_image(V6_BOOTSTRAP) as image,
-        BlobStore(blob_dir=tmp_path) as store,
+        open_blobs(image, tmp_path) as store,
         pytest.raises(BlobError, match=message),
     ):
         read_chunk_infos(store, image.blobs[0])
@@ -116,7 +125,7 @@ def test_damaged_toc_part(tmp_path: Path) -> None:
     patched(BLOB, tmp_path / V6_BLOB_ID, {12954: b"\0\0\0\0"})
     with (
         open_image(V6_BOOTSTRAP) as image,
-        BlobStore(blob_dir=tmp_path) as store,
+        open_blobs(image, tmp_path) as store,
         pytest.raises(BlobError, match=r"blob\.digest: sha256 differs"),
     ):
         read_chunk_digests(store, image.blobs[0])
@@ -131,7 +140,7 @@ def test_tar_header_is_checked(tmp_path: Path) -> None:
     boot = patched(V6_BOOTSTRAP, tmp_path / "boot", {4096 + 136: digest})
     with (
         open_image(boot) as image,
-        BlobStore(blob_dir=tmp_path) as store,
+        open_blobs(image, tmp_path) as store,
         pytest.raises(BlobError, match="tar header names"),
     ):
         read_toc(store, image.blobs[0])
@@ -140,7 +149,7 @@ def test_tar_header_is_checked(tmp_path: Path) -> None:
 def test_blobs_without_meta() -> None:
     with (
         open_image(V5_DIR / V5_BOOTSTRAPS[0]) as image,
-        BlobStore() as store,
+        open_blobs(image) as store,
         pytest.raises(UnsupportedError, match="no blob meta"),
     ):
         read_toc(store, image.blobs[0])

@@ -24,15 +24,15 @@ from tests.rafs.build_support import (
     run_vhostfs,
     snapshot,
 )
-from tests.rafs.images import V6_BLOB_ID, V6_DIR
-from vhostfs.rafs import BlobStore, open_image
+from tests.rafs.images import V6_BLOB_ID, V6_DIR, open_blobs
 from vhostfs.rafs import layout as L
+from vhostfs.rafs import open_image
 from vhostfs.rafs.blobmeta import read_chunk_digests, read_chunk_infos, read_toc
 from vhostfs.rafs.build.blob_writer import Chunk, chunk_info_v1, ci_header, tar_header
 from vhostfs.rafs.build.bootstrap import ImageSettings, write_bootstrap
 from vhostfs.rafs.build.tree import Node, number_inodes
-from vhostfs.rafs.chunk import Compressor, Digester
 from vhostfs.rafs.v6 import RafsV6Image
+from vhostfs.storage.blob import Compressor, Digester
 
 needs_erofs_utils = pytest.mark.skipif(
     shutil.which("fsck.erofs") is None, reason="needs erofs-utils"
@@ -96,7 +96,7 @@ def test_check_reads_and_verifies_everything(image: tuple[Path, Path]) -> None:
 
 def test_blob_meta_agrees_with_the_chunk_table(image: tuple[Path, Path]) -> None:
     bootstrap, blob = image
-    with open_image(bootstrap) as opened, BlobStore(blob.parent) as store:
+    with open_image(bootstrap) as opened, open_blobs(opened, blob.parent) as store:
         (info,) = opened.blobs
         names = [entry.name for entry in read_toc(store, info)]
         infos = read_chunk_infos(store, info)

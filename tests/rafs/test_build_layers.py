@@ -15,7 +15,8 @@ import pytest
 import zstandard
 
 from tests.rafs.build_support import build, run_vhostfs
-from vhostfs.rafs import BlobStore, open_image
+from tests.rafs.images import open_blobs, read_file
+from vhostfs.rafs import open_image
 from vhostfs.rafs.build import BuildError
 from vhostfs.rafs.build.source import Spool, load_sources
 from vhostfs.rafs.build.tree import Node
@@ -194,7 +195,7 @@ def test_tar_metadata_reaches_the_image(tmp_path: Path) -> None:
     )
     bootstrap, _ = build([layer], tmp_path / "out")
 
-    with open_image(bootstrap) as image, BlobStore(tmp_path / "out") as store:
+    with open_image(bootstrap) as image, open_blobs(image, tmp_path / "out") as store:
         tool = image.lookup(image.lookup(image.root_ino, b"bin") or 0, b"tool")
         assert tool is not None
         attr = image.getattr(tool)
@@ -202,7 +203,7 @@ def test_tar_metadata_reaches_the_image(tmp_path: Path) -> None:
         assert (attr.mtime, attr.mtime_nsec) == (1700000000, 123456789)
         assert image.getxattr(tool, b"user.comment") == b"plain text"
         assert image.getxattr(tool, b"security.capability") == b"\x01\x00\x00\x02\xff\xfe"
-        assert image.read_file(tool, 0, 100, store) == b"#!/bin/sh\n"
+        assert read_file(image, tool, 0, 100, store) == b"#!/bin/sh\n"
         dev = image.lookup(image.root_ino, b"dev") or 0
         null = image.getattr(image.lookup(dev, b"null") or 0)
         assert (stat.S_ISCHR(null.mode), null.rdev) == (True, os.makedev(1, 3))
@@ -228,9 +229,9 @@ def test_sparse_tar_members_are_read_through_tarfile(tmp_path: Path) -> None:
 
     bootstrap, _ = build([layer], tmp_path / "out")
 
-    with open_image(bootstrap) as image, BlobStore(tmp_path / "out") as store:
+    with open_image(bootstrap) as image, open_blobs(image, tmp_path / "out") as store:
         holes = image.lookup(image.root_ino, b"holes") or 0
-        data = image.read_file(holes, 0, 4 << 20, store)
+        data = read_file(image, holes, 0, 4 << 20, store)
     assert data == (source / "holes").read_bytes()
 
 

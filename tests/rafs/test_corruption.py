@@ -2,7 +2,8 @@
 
 Thousands of mutated copies (bit flips, overwritten bytes and fields, zeroed runs, truncation)
 of the nydus fixtures and of small mkfs.erofs images are opened and explored with every
-operation. Each operation must either answer consistently or raise RafsError; anything else
+operation. Each operation must either answer consistently or raise RafsError (or, for file
+data read through the storage layer, StorageError or ConfigError); anything else
 (IndexError, struct.error, OverflowError, MemoryError...) fails the test, as does a case that
 runs over its time budget. The seeded loop reports the seed of a failing case so it can be
 replayed; hypothesis shrinks its own failures to a minimal set of patches.
@@ -10,7 +11,6 @@ replayed; hypothesis shrinks its own failures to a minimal set of patches.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import random
@@ -37,7 +37,8 @@ from tests.rafs.images import (
     refresh_erofs_checksum,
 )
 from tests.rafs.synthetic_v5 import BLOB_ID, Entry, write_v5
-from vhostfs.rafs import BlobStore, DirEntry, InodeAttr, RafsError, RafsImage, open_image
+from vhostfs.rafs import DirEntry, InodeAttr, RafsError, RafsImage, open_image, read_file
+from vhostfs.storage import ConfigError, RafsConfig, StorageError, SyncStorage
 
 CASES_PER_TARGET = 1000
 TIME_BUDGET = 2.0  # seconds per case; a healthy case takes milliseconds
@@ -52,7 +53,7 @@ class Target:
     name: str
     data: bytes
     hot: list[tuple[int, int]]  # where the metadata is: most mutations land there
-    blobs: Callable[[], BlobStore]
+    blobs: Callable[[bool], RafsConfig]  # how to find the blobs, with or without digest checks
     erofs_checksum: bool = False
 
 
@@ -75,11 +76,35 @@ def time_budget(seconds: float) -> Iterator[None]:
 
 
 def attempt(operation: Callable[..., T], *arguments: object) -> T | None:
-    """The operation's result, or None if it refused with RafsError; anything else escapes."""
+    """The operation's result, or None if it refused with one of the errors that say "this
+    input is bad"; anything else escapes."""
     try:
         return operation(*arguments)
-    except RafsError:
+    except (RafsError, StorageError, ConfigError):
         return None
+
+
+class Storages:
+    """An image's storage, opened on first use, once with and once without digest checks."""
+
+    def __init__(self, image: RafsImage, config: Callable[[bool], RafsConfig]) -> None:
+        self._image = image
+        self._config = config
+        self._opened: dict[bool, SyncStorage | None] = {}
+
+    def get(self, verify: bool) -> SyncStorage | None:
+        """None when the damaged image's blob table cannot even be opened."""
+        if verify not in self._opened:
+            self._opened[verify] = attempt(self._open, verify)
+        return self._opened[verify]
+
+    def _open(self, verify: bool) -> SyncStorage:
+        return SyncStorage(self._config(verify), self._image.blobs, bootstrap=self._image.path)
+
+    def close(self) -> None:
+        for storage in self._opened.values():
+            if storage is not None:
+                storage.close()
 
 
 def listing(image: RafsImage, ino: int, offset: int = 0) -> list[DirEntry]:
@@ -90,7 +115,7 @@ def walk(image: RafsImage) -> list[tuple[bytes, int, InodeAttr]]:
     return list(itertools.islice(image.walk(), MAX_OPERATIONS))
 
 
-def explore(image: RafsImage, blobs: BlobStore) -> None:
+def explore(image: RafsImage, blobs: Storages) -> None:
     """Every operation on every inode reachable from the root, checking what answers agree."""
     attempt(image.statfs)
     attempt(walk, image)
@@ -127,7 +152,7 @@ def explore_directory(image: RafsImage, ino: int, pending: list[int]) -> None:
         assert rest is None or rest == entries[1 : 1 + len(rest)]
 
 
-def explore_file(image: RafsImage, ino: int, size: int, blobs: BlobStore) -> None:
+def explore_file(image: RafsImage, ino: int, size: int, blobs: Storages) -> None:
     length = min(size, READ_LIMIT)
     refs = attempt(image.chunks, ino, 0, length)
     if refs:
@@ -135,18 +160,22 @@ def explore_file(image: RafsImage, ino: int, size: int, blobs: BlobStore) -> Non
         for ref, following in itertools.pairwise(refs):
             assert ref.file_end == following.file_offset
     # Verifying a digest hashes the whole chunk (up to 1 MiB); keep that to small files.
-    read = functools.partial(image.read_file, verify=size <= READ_LIMIT)
-    data = attempt(read, ino, 0, length, blobs)
+    storage = blobs.get(verify=size <= READ_LIMIT)
+    data = None if storage is None else attempt(read_file, image, storage, ino, 0, length)
     assert data is None or len(data) == length
 
 
 def run_case(target: Target, data: bytes, scratch: Path) -> None:
     scratch.write_bytes(data)
-    with time_budget(TIME_BUDGET), target.blobs() as blobs:
+    with time_budget(TIME_BUDGET):
         image = attempt(open_image, scratch)
         if image is not None:
-            with image:
-                explore(image, blobs)
+            storages = Storages(image, target.blobs)
+            try:
+                with image:
+                    explore(image, storages)
+            finally:
+                storages.close()
 
 
 def mutate(target: Target, rng: random.Random) -> bytes:
@@ -200,12 +229,12 @@ def small_tree(root: Path) -> None:
         os.setxattr(root / name, "user.own", name.encode())
 
 
-def blob_file_store(blob: Path) -> Callable[[], BlobStore]:
-    return lambda: BlobStore(files={0: blob})
+def blob_file_store(blob: Path) -> Callable[[bool], RafsConfig]:
+    return lambda verify: RafsConfig.from_flags(blob_files=[blob], digest_validate=verify)
 
 
-def blob_directory_store(directory: Path) -> Callable[[], BlobStore]:
-    return lambda: BlobStore(blob_dir=directory)
+def blob_directory_store(directory: Path) -> Callable[[bool], RafsConfig]:
+    return lambda verify: RafsConfig.from_flags(blob_dir=directory, digest_validate=verify)
 
 
 @pytest.fixture(scope="module")
@@ -216,13 +245,13 @@ def targets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Target]:
             "v5",
             (V5_DIR / V5_BOOTSTRAPS[0]).read_bytes(),
             [(0, 80), (8192, 18648)],
-            lambda: BlobStore(blob_dir=V5_DIR),
+            blob_directory_store(V5_DIR),
         ),
         "v6": Target(
             "v6",
             v6_data,
             [(1024, 1536), (4096, 4352), (12288, 12800), (16384, 16544)],
-            lambda: BlobStore(blob_dir=V6_DIR),
+            blob_directory_store(V6_DIR),
         ),
     }
     base = tmp_path_factory.mktemp("corruption")

@@ -21,19 +21,19 @@ import blake3
 import pytest
 import zstandard
 
-from tests.rafs.images import V5_BLOB_ID, V5_BOOTSTRAPS, V5_DIR, patched, resolve
-from tests.rafs.synthetic_v5 import BLOB_ID, Entry, write_v5
-from vhostfs.rafs import (
-    ZERO_FILL,
-    BlobError,
-    BlobStore,
-    ChunkDigestError,
-    Compressor,
-    CorruptError,
-    Digester,
-    RafsImage,
-    open_image,
+from tests.rafs.images import (
+    V5_BLOB_ID,
+    V5_BOOTSTRAPS,
+    V5_DIR,
+    open_blobs,
+    patched,
+    read_file,
+    resolve,
 )
+from tests.rafs.synthetic_v5 import BLOB_ID, Entry, write_v5
+from vhostfs.rafs import CorruptError, RafsImage, open_image
+from vhostfs.storage.blob import ZERO_FILL, Compressor, Digester
+from vhostfs.storage.errors import BackendError, ChunkDigestError
 
 
 def read_result(bootstrap: str) -> tuple[dict[str, Any], dict[bytes, str]]:
@@ -98,37 +98,42 @@ def test_tree_matches_result(bootstrap: str) -> None:
 def test_every_file_matches_its_md5(bootstrap: str) -> None:
     _, md5s = read_result(bootstrap)
     assert len(md5s) == 23
-    with open_image(V5_DIR / bootstrap) as image, BlobStore(blob_dir=V5_DIR) as blobs:
+    with open_image(V5_DIR / bootstrap) as image, open_blobs(image, V5_DIR) as blobs:
         for path, digest in md5s.items():
             ino = resolve(image, path)
             size = image.getattr(ino).size
-            data = image.read_file(ino, 0, size, blobs)
+            data = read_file(image, ino, 0, size, blobs)
             assert len(data) == size
             assert hashlib.md5(data).hexdigest() == digest, path
 
 
 def test_both_bootstraps_read_the_same_bytes() -> None:
     sha256_image, blake3_image = (open_image(V5_DIR / name) for name in V5_BOOTSTRAPS)
-    with sha256_image, blake3_image, BlobStore(blob_dir=V5_DIR) as blobs:
+    with (
+        sha256_image,
+        blake3_image,
+        open_blobs(sha256_image, V5_DIR) as sha256_blobs,
+        open_blobs(blake3_image, V5_DIR) as blake3_blobs,
+    ):
         walked = [list(image.walk()) for image in (sha256_image, blake3_image)]
         assert [(path, attr) for path, _, attr in walked[0]] == [
             (path, attr) for path, _, attr in walked[1]
         ]
         for path, ino, attr in walked[0]:
             if stat.S_ISREG(attr.mode):
-                first = sha256_image.read_file(ino, 0, attr.size, blobs)
-                assert blake3_image.read_file(ino, 0, attr.size, blobs) == first, path
+                first = read_file(sha256_image, ino, 0, attr.size, sha256_blobs)
+                assert read_file(blake3_image, ino, 0, attr.size, blake3_blobs) == first, path
 
 
 def test_chunk_digests_are_those_of_the_data(bootstrap: str) -> None:
     hasher = hashlib.sha256 if bootstrap.startswith("sha256") else blake3.blake3
-    with open_image(V5_DIR / bootstrap) as image, BlobStore(blob_dir=V5_DIR) as blobs:
+    with open_image(V5_DIR / bootstrap) as image, open_blobs(image, V5_DIR) as blobs:
         ino = resolve(image, b"/normal-file-test/holefiles/head-hole-1")
         refs = image.chunks(ino, 0, 1 << 30)
         assert [ref.file_offset for ref in refs] == [0, 1 << 20, 2 << 20]
         assert [ref.uncompressed_size for ref in refs] == [1 << 20, 1 << 20, 7]
         for ref in refs:
-            data = image.read_file(ino, ref.file_offset, ref.uncompressed_size, blobs)
+            data = read_file(image, ino, ref.file_offset, ref.uncompressed_size, blobs)
             assert hasher(data).digest() == ref.digest
             assert not ref.compressed and ref.compressed_size == ref.uncompressed_size
 
@@ -176,10 +181,10 @@ def test_readdir_resumes_at_every_offset(bootstrap: str) -> None:
 def test_missing_blob(bootstrap: str, tmp_path: Path) -> None:
     with open_image(V5_DIR / bootstrap) as image:
         ino = resolve(image, b"/hardlink-test/foo")
-        with pytest.raises(BlobError, match=V5_BLOB_ID):
-            image.read_file(ino, 0, 100, tmp_path)
-        with pytest.raises(BlobError, match="no blob store"):
-            image.read_file(ino, 0, 100)
+        with pytest.raises(BackendError, match=V5_BLOB_ID):
+            read_file(image, ino, 0, 100, tmp_path)
+        with pytest.raises(BackendError, match="no file given for it"):
+            read_file(image, ino, 0, 100)
 
 
 def test_corrupted_blob_fails_the_digest(bootstrap: str, tmp_path: Path) -> None:
@@ -194,9 +199,9 @@ def test_corrupted_blob_fails_the_digest(bootstrap: str, tmp_path: Path) -> None
             {ref.compressed_offset + 10: bytes([original ^ 0x40])},
         )
         with pytest.raises(ChunkDigestError, match=rf"blob {V5_BLOB_ID} chunk {ref.chunk_index}"):
-            image.read_file(ino, 0, 100, tmp_path)
+            read_file(image, ino, 0, 100, tmp_path)
         # Without verification the flipped byte comes through.
-        data = image.read_file(ino, 0, 100, tmp_path, verify=False)
+        data = read_file(image, ino, 0, 100, tmp_path, verify=False)
         assert data[10] == original ^ 0x40
 
 
@@ -243,11 +248,11 @@ def test_synthetic_files_read_back(tmp_path: Path, compression: str) -> None:
     with open_image(synthetic(tmp_path, compression)) as image:
         assert image.blobs[0].compressor.value.startswith(compression)
         file = resolve(image, b"/file")
-        assert image.read_file(file, 0, 20000, tmp_path) == FILE_CONTENT
-        assert image.read_file(file, 4000, 200, tmp_path) == FILE_CONTENT[4000:4200]
+        assert read_file(image, file, 0, 20000, tmp_path) == FILE_CONTENT
+        assert read_file(image, file, 4000, 200, tmp_path) == FILE_CONTENT[4000:4200]
         sparse = resolve(image, b"/sparse")
-        assert image.read_file(sparse, 0, 20000, tmp_path) == SPARSE_CONTENT
-        assert image.read_file(sparse, 4090, 12, tmp_path) == SPARSE_CONTENT[4090:4102]
+        assert read_file(image, sparse, 0, 20000, tmp_path) == SPARSE_CONTENT
+        assert read_file(image, sparse, 4090, 12, tmp_path) == SPARSE_CONTENT[4090:4102]
 
 
 def test_synthetic_holes_are_zero_fill_refs(tmp_path: Path) -> None:
@@ -286,16 +291,16 @@ def test_synthetic_damage(tmp_path: Path) -> None:
     record = data.index(blake3.blake3(FILE_CONTENT[:4096]).digest())
     patched(boot, tmp_path / "digest", {record: bytes([data[record] ^ 1])})
     with open_image(tmp_path / "digest") as image, pytest.raises(ChunkDigestError):
-        image.read_file(file, 0, 10, tmp_path)
+        read_file(image, file, 0, 10, tmp_path)
     patched(boot, tmp_path / "offset", {record + 64: struct.pack("<Q", 7)})
     with (
         open_image(tmp_path / "offset") as image,
         pytest.raises(CorruptError, match="file_offset 7"),
     ):
-        image.read_file(file, 0, 10, tmp_path)
+        read_file(image, file, 0, 10, tmp_path)
     patched(boot, tmp_path / "blob", {record + 32: struct.pack("<I", 3)})
     with open_image(tmp_path / "blob") as image, pytest.raises(CorruptError, match="blob 3 of 1"):
-        image.read_file(file, 0, 10, tmp_path)
+        read_file(image, file, 0, 10, tmp_path)
     # The root's child_index pointing back at the root would make a loop.
     root = struct.unpack_from("<I", data, 8192)[0] << 3
     patched(boot, tmp_path / "loop", {root + 92: struct.pack("<I", 1)})

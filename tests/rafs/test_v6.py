@@ -14,18 +14,18 @@ from pathlib import Path
 import blake3
 import pytest
 
-from tests.rafs.images import V6_BLOB_ID, V6_BOOTSTRAP, V6_DIR, patched, resolve
-from vhostfs.rafs import (
-    BlobError,
-    BlobStore,
-    ChunkDigestError,
-    Compressor,
-    CorruptError,
-    Digester,
-    RafsError,
-    UnsupportedError,
-    open_image,
+from tests.rafs.images import (
+    V6_BLOB_ID,
+    V6_BOOTSTRAP,
+    V6_DIR,
+    open_blobs,
+    patched,
+    read_file,
+    resolve,
 )
+from vhostfs.rafs import CorruptError, RafsError, UnsupportedError, open_image
+from vhostfs.storage.blob import Compressor, Digester
+from vhostfs.storage.errors import BackendError, ChunkDecodeError, ChunkDigestError
 
 FLAGS = 1152  # ext superblock s_flags
 BLOB_ENTRY = 4096
@@ -83,7 +83,7 @@ def test_listing() -> None:
 def test_rust_sources_read_and_verify(
     name: bytes, size: int, chunk: tuple[int, int, int, int]
 ) -> None:
-    with open_image(V6_BOOTSTRAP) as image, BlobStore(blob_dir=V6_DIR) as blobs:
+    with open_image(V6_BOOTSTRAP) as image, open_blobs(image, V6_DIR) as blobs:
         ino = resolve(image, b"/" + name)
         attr = image.getattr(ino)
         assert attr.size == size and attr.mode == 0o100644
@@ -95,12 +95,12 @@ def test_rust_sources_read_and_verify(
             ref.uncompressed_offset,
         ) == chunk
         assert ref.compressed and ref.uncompressed_size == size and ref.blob_index == 0
-        data = image.read_file(ino, 0, size, blobs)
+        data = read_file(image, ino, 0, size, blobs)
         assert len(data) == size
         assert blake3.blake3(data).digest() == ref.digest
         text = data.decode("utf-8")
         assert text.startswith("// Copyright") and "fn " in text and "use " in text
-        assert image.read_file(ino, 100, 50, blobs) == data[100:150]
+        assert read_file(image, ino, 100, 50, blobs) == data[100:150]
 
 
 def test_damaged_chunk_digest(tmp_path: Path) -> None:
@@ -109,7 +109,7 @@ def test_damaged_chunk_digest(tmp_path: Path) -> None:
         open_image(copy) as image,
         pytest.raises(ChunkDigestError, match=rf"blob {V6_BLOB_ID} chunk 0"),
     ):
-        image.read_file(133, 0, 100, V6_DIR)
+        read_file(image, 133, 0, 100, V6_DIR)
 
 
 def test_damaged_blob(tmp_path: Path) -> None:
@@ -118,16 +118,16 @@ def test_damaged_blob(tmp_path: Path) -> None:
         damaged = bytearray(blob)
         damaged[position] ^= 0x55
         (tmp_path / V6_BLOB_ID).write_bytes(bytes(damaged))
-        with open_image(V6_BOOTSTRAP) as image, pytest.raises(BlobError):
-            image.read_file(133, 0, 100, tmp_path)
+        with open_image(V6_BOOTSTRAP) as image, pytest.raises(ChunkDecodeError):
+            read_file(image, 133, 0, 100, tmp_path)
 
 
 def test_short_blob(tmp_path: Path) -> None:
     (tmp_path / V6_BLOB_ID).write_bytes((V6_DIR / V6_BLOB_ID).read_bytes()[:5000])
     with open_image(V6_BOOTSTRAP) as image:
-        image.read_file(133, 0, 100, tmp_path)  # chunk 0 ends at 4828
-        with pytest.raises(BlobError, match="past the end of the blob file"):
-            image.read_file(136, 0, 100, tmp_path)
+        read_file(image, 133, 0, 100, tmp_path)  # chunk 0 ends at 4828
+        with pytest.raises(BackendError, match="past the end of the blob file"):
+            read_file(image, 136, 0, 100, tmp_path)
 
 
 def flags(value: int) -> dict[int, bytes]:
@@ -230,19 +230,19 @@ def test_damaged_inodes_fail_their_operation(
     message: str,
 ) -> None:
     copy = patched(V6_BOOTSTRAP, tmp_path / "boot", patches)
-    with open_image(copy) as image, BlobStore(blob_dir=V6_DIR) as blobs:
+    with open_image(copy) as image, open_blobs(image, V6_DIR) as blobs:
         with pytest.raises(error, match=message):
             if operation == "getattr":
                 image.getattr(image.lookup(128, b"lib.rs") or 133)
             elif operation == "read":
-                image.read_file(133, 0, 20000, blobs)
+                read_file(image, 133, 0, 20000, blobs)
             elif operation == "lookup":
                 image.lookup(128, b"lib.rs")
             else:
                 list(image.readdir(128))
         with pytest.raises(RafsError):
             list(image.walk())
-            image.read_file(133, 0, 20000, blobs)
+            read_file(image, 133, 0, 20000, blobs)
 
 
 def test_prefetch_table(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from tests.storage.blobs import build_blob, run
-from vhostfs.storage.fetch import FetchOptions, ImageStorage
+from vhostfs.storage.image_storage import FetchOptions, ImageStorage
 from vhostfs.storage.localfs import LocalFsBackend
 
 

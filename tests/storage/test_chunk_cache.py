@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vhostfs.rafs.errors import BlobError
 from vhostfs.storage.cache import MAP_HEADER, MAP_MAGIC, MAP_VERSION, ChunkCache
+from vhostfs.storage.errors import CacheError
 
 BLOB = "b" * 64
 COUNT = 20
@@ -135,7 +135,7 @@ def test_a_nydusd_map_is_not_trusted(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("blob_id", ["", ".", "..", "a/b", "../x", "a\0b", "x" * 250])
 def test_ids_that_cannot_name_a_file_are_refused(tmp_path: Path, blob_id: str) -> None:
-    with pytest.raises(BlobError, match="cannot name a cache file"):
+    with pytest.raises(CacheError, match="cannot name a cache file"):
         ChunkCache(tmp_path, blob_id, 1, sync_data=False)
     assert list(tmp_path.iterdir()) == []
 

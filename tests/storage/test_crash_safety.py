@@ -21,7 +21,8 @@ from tests.storage.blobs import (
     run,
     run_to_completion_without_suspending,
 )
-from vhostfs.storage.fetch import ImageStorage
+from vhostfs.storage.cache import ChunkCache
+from vhostfs.storage.image_storage import ImageStorage
 from vhostfs.storage.localfs import LocalFsBackend
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +79,7 @@ async def check_cache(blob_dir: Path, work_dir: Path, blob: Blob) -> int:
     backend = RecordingBackend(LocalFsBackend(dir=blob_dir))
     storage = ImageStorage([blob.info], backend, work_dir=work_dir)
     cache = storage._blobs[0].cache
-    assert cache is not None
+    assert isinstance(cache, ChunkCache)
     # The map is replaced atomically: after a kill it is either valid or not there yet.
     assert cache.discarded_reason in (None, "missing", "new data file")
     ready = [i for i in range(CHUNKS) if cache.is_ready(i)]
@@ -88,7 +89,7 @@ async def check_cache(blob_dir: Path, work_dir: Path, blob: Blob) -> int:
             storage.read([ref], ref.file_offset, ref.file_end)
         )
         assert materialize(segments) == blob.chunks[index], f"chunk {index} is wrong"
-    assert backend.counters.requests == 0, "a chunk marked ready was fetched again"
+    assert len(backend.requests) == 0, "a chunk marked ready was fetched again"
     # Chunks that were not marked are fetched and served correctly.
     missing = [i for i in range(CHUNKS) if not cache.is_ready(i)][:3]
     for index in missing:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from tests.storage.blobs import (
     Blob,
+    Gate,
     RecordingBackend,
     build_blob,
     materialize,
@@ -25,11 +26,17 @@ from tests.storage.blobs import (
     run,
     run_to_completion_without_suspending,
 )
-from vhostfs.rafs.blob import BlobInfo
-from vhostfs.rafs.chunk import IN_BOOTSTRAP, ZERO_FILL, ChunkRef, Compressor, Digester
-from vhostfs.rafs.errors import BlobError, ChunkDigestError, CorruptError
 from vhostfs.segments import FileSlice, Segment
-from vhostfs.storage.fetch import FetchOptions, ImageStorage
+from vhostfs.storage.blob import IN_BOOTSTRAP, ZERO_FILL, BlobInfo, ChunkRef, Compressor, Digester
+from vhostfs.storage.cache import ChunkCache
+from vhostfs.storage.errors import (
+    BackendError,
+    ChunkDecodeError,
+    ChunkDigestError,
+    ChunkRefError,
+    StorageClosedError,
+)
+from vhostfs.storage.image_storage import FetchOptions, ImageStorage
 from vhostfs.storage.localfs import LocalFsBackend
 
 CHUNK = 16384
@@ -79,13 +86,13 @@ def test_miss_fetches_verifies_and_caches(
     async def scenario() -> None:
         storage, backend = make_storage(tmp_path, [blob])
         assert await read_all(storage, blob) == blob.file_bytes
-        assert backend.counters.requests == 1  # all 8 chunks back to back: one merged read
+        assert len(backend.requests) == 1  # all 8 chunks back to back: one merged read
         assert storage.metrics.cache_misses == 8
         cache_file = tmp_path / "cache" / f"{blob.blob_id}.blob.data"
         assert cache_file.exists()
         # Again: every chunk is a hit now, served from the cache file as one segment.
         segments = await storage.read(blob.refs, 0, len(blob.file_bytes))
-        assert backend.counters.requests == 1
+        assert len(backend.requests) == 1
         assert len(segments) == 1
         assert isinstance(segments[0], FileSlice)
         assert os.path.samestat(os.fstat(segments[0].fd), os.stat(cache_file))
@@ -109,7 +116,7 @@ def test_hit_path_finishes_without_suspending(tmp_path: Path, blob_dir: Path) ->
         assert all(isinstance(s, FileSlice) for s in segments)
         assert len(segments) == 1  # chunks at 4K-aligned offsets, back to back in the cache
         assert materialize(segments) == blob.file_bytes[start:end]
-        assert storage.metrics.cache_hits == 5 + 1 and backend.counters.requests == 1
+        assert storage.metrics.cache_hits == 5 + 1 and len(backend.requests) == 1
         await storage.aclose()
 
     run(scenario())
@@ -171,7 +178,7 @@ def test_concurrent_reads_of_one_chunk_fetch_it_once(tmp_path: Path, blob_dir: P
         start, end = blob.chunk_range(2)
         results = await asyncio.gather(*(read_all(storage, blob, start, end) for _ in range(10)))
         assert results == [blob.chunks[2]] * 10
-        assert backend.counters.requests == 1
+        assert len(backend.requests) == 1
         assert storage.metrics.cache_misses == 10
         await storage.aclose()
 
@@ -230,7 +237,7 @@ def test_a_file_that_repeats_a_chunk_fetches_it_once(tmp_path: Path, blob_dir: P
         storage, backend = make_storage(tmp_path, [blob])
         data = materialize(await storage.read(refs, 0, 2 * CHUNK))
         assert data == blob.chunks[0] * 2
-        assert backend.counters.requests == 1
+        assert len(backend.requests) == 1
         await storage.aclose()
 
     run(scenario())
@@ -245,19 +252,15 @@ def test_hits_keep_flowing_while_a_miss_waits(tmp_path: Path, blob_dir: Path) ->
     async def scenario() -> None:
         storage, backend = make_storage(tmp_path, [blob])
         await read_all(storage, blob, 0, CHUNK)
-        release = asyncio.Event()
-
-        async def hold(blob_id: str, offset: int, size: int) -> None:
-            await release.wait()
-
-        backend.gate = hold
+        gate = Gate()
+        backend.gate = gate
         miss = asyncio.ensure_future(read_all(storage, blob, 5 * CHUNK, 6 * CHUNK))
-        await asyncio.sleep(0.01)
+        await gate.reached(1)  # the miss is at the backend
         assert not miss.done()
         for _ in range(100):
             segments = run_to_completion_without_suspending(storage.read(blob.refs[:1], 0, CHUNK))
             assert materialize(segments) == blob.chunks[0]
-        release.set()
+        gate.release.set()
         assert await miss == blob.chunks[5]
         await storage.aclose()
 
@@ -271,21 +274,19 @@ def test_an_interrupted_reader_does_not_cancel_the_shared_fetch(
 
     async def scenario() -> None:
         storage, backend = make_storage(tmp_path, [blob])
-        release = asyncio.Event()
-
-        async def hold(blob_id: str, offset: int, size: int) -> None:
-            await release.wait()
-
-        backend.gate = hold
+        gate = Gate()
+        backend.gate = gate
         first = asyncio.ensure_future(read_all(storage, blob, 0, CHUNK))
         second = asyncio.ensure_future(read_all(storage, blob, 0, CHUNK))
-        await asyncio.sleep(0.01)
+        await gate.reached(1)  # both readers wait for the one fetch, which is at the backend
+        assert not first.done() and not second.done()
         first.cancel()
-        await asyncio.sleep(0.01)
-        release.set()
+        await asyncio.wait([first])  # the cancellation has gone through
+        assert not second.done()
+        gate.release.set()
         assert await second == blob.chunks[0]
         assert first.cancelled()
-        assert backend.counters.requests == 1
+        assert len(backend.requests) == 1
         await storage.aclose()
 
     run(scenario())
@@ -296,18 +297,14 @@ def test_close_fails_waiting_reads_and_later_reads(tmp_path: Path, blob_dir: Pat
 
     async def scenario() -> None:
         storage, backend = make_storage(tmp_path, [blob])
-        never = asyncio.Event()
-
-        async def hold(blob_id: str, offset: int, size: int) -> None:
-            await never.wait()
-
-        backend.gate = hold
+        gate = Gate()  # never released
+        backend.gate = gate
         waiting = asyncio.ensure_future(read_all(storage, blob, 0, CHUNK))
-        await asyncio.sleep(0.01)
+        await gate.reached(1)
         await storage.aclose()
-        with pytest.raises(BlobError, match="closed"):
+        with pytest.raises(StorageClosedError, match="closed"):
             await waiting
-        with pytest.raises(BlobError, match="closed"):
+        with pytest.raises(StorageClosedError, match="closed"):
             await read_all(storage, blob, 0, CHUNK)
 
     run(scenario())
@@ -339,7 +336,7 @@ def test_digest_mismatch_fails_once_and_heals(
         assert blob.blob_id in lines[0] and "chunk 3" in lines[0] and "digest" in lines[0]
         assert storage.metrics.digest_failures == 1
         cache = storage._blobs[0].cache
-        assert cache is not None and not cache.is_ready(3)
+        assert isinstance(cache, ChunkCache) and not cache.is_ready(3)
         assert cache.ready_count() == 0
         await read_all(storage, blob, 0, 3 * CHUNK)
         assert cache.ready_count() == 3
@@ -347,7 +344,7 @@ def test_digest_mismatch_fails_once_and_heals(
         blob.path.write_bytes(good)
         assert await read_all(storage, blob, start, end) == blob.chunks[3]
         assert cache.is_ready(3)
-        assert backend.counters.requests == 3
+        assert len(backend.requests) == 3
         await storage.aclose()
 
     run(scenario())
@@ -363,11 +360,11 @@ def test_chunks_around_a_bad_one_in_a_merged_read_are_cached(
 
     async def scenario() -> None:
         storage, backend = make_storage(tmp_path, [blob])
-        with pytest.raises(BlobError, match="chunk 4"):
+        with pytest.raises(ChunkDecodeError, match="chunk 4"):
             await read_all(storage, blob)
-        assert backend.counters.requests == 1
+        assert len(backend.requests) == 1
         cache = storage._blobs[0].cache
-        assert cache is not None
+        assert isinstance(cache, ChunkCache)
         assert [cache.is_ready(i) for i in range(8)] == [True] * 4 + [False] + [True] * 3
         await storage.aclose()
 
@@ -397,7 +394,7 @@ def test_a_short_blob_fails_the_read(
 
     async def scenario() -> None:
         storage, _ = make_storage(tmp_path, [blob], amplify_io=1)
-        with pytest.raises(BlobError, match=f"blob {blob.blob_id}.*past the end"):
+        with pytest.raises(BackendError, match=f"blob {blob.blob_id}.*past the end"):
             await read_all(storage, blob, *blob.chunk_range(6))
         assert len(caplog.records) == 1 and "chunk 6" in caplog.records[0].getMessage()
         assert await read_all(storage, blob, 0, CHUNK) == blob.chunks[0]
@@ -411,20 +408,20 @@ def test_refs_that_do_not_cover_the_range_are_corrupt(tmp_path: Path, blob_dir: 
 
     async def scenario() -> None:
         storage, _ = make_storage(tmp_path, [blob])
-        with pytest.raises(CorruptError, match="does not continue"):
+        with pytest.raises(ChunkRefError, match="does not continue"):
             await storage.read([blob.refs[0], blob.refs[2]], 0, 3 * CHUNK)
-        with pytest.raises(CorruptError, match="stop at file byte"):
+        with pytest.raises(ChunkRefError, match="stop at file byte"):
             await storage.read(blob.refs[:2], 0, 3 * CHUNK)
         outside = ChunkRef(0, 0, 0, 10, 0, CHUNK, True, None, chunk_index=99)
-        with pytest.raises(CorruptError, match="index outside"):
+        with pytest.raises(ChunkRefError, match="index outside"):
             await storage.read([outside], 0, CHUNK)
         other_blob = ChunkRef(0, 5, 0, 10, 0, CHUNK, True, None, chunk_index=0)
-        with pytest.raises(CorruptError, match="blob 5"):
+        with pytest.raises(ChunkRefError, match="blob 5"):
             await storage.read([other_blob], 0, CHUNK)
         huge = ChunkRef(0, 0, 0, 1 << 40, 0, CHUNK, True, None, chunk_index=1)
-        with pytest.raises(CorruptError, match="out of range"):
+        with pytest.raises(ChunkRefError, match="out of range"):
             await storage.read([huge], 0, CHUNK)
-        assert storage._inflight == {}
+        assert storage._flight._inflight == {}
         await storage.aclose()
 
     run(scenario())
@@ -458,9 +455,10 @@ def test_holes_bootstrap_data_and_local_devices_are_served_in_place(
         assert materialize(segments) == expected[10:20000]
         # The two device refs are adjacent in the device file: one segment.
         assert [type(s).__name__ for s in segments] == ["FileSlice", "bytes", "FileSlice"]
-        assert backend.counters.requests == 0
+        metrics = storage.metrics
+        assert (metrics.backend_requests, metrics.backend_errors) == (0, 0)
         assert not (tmp_path / "cache" / "device-a.blob.data").exists()
-        with pytest.raises(CorruptError, match="outside the image"):
+        with pytest.raises(ChunkRefError, match="outside the image"):
             await storage.read(
                 [ChunkRef(0, IN_BOOTSTRAP, 16000, 4096, 0, 4096, False, None)], 0, 4096
             )
@@ -478,7 +476,7 @@ def test_without_a_cache_every_read_fetches(tmp_path: Path, blob_dir: Path) -> N
             segments = await storage.read(blob.refs, 0, len(blob.file_bytes))
             assert all(isinstance(s, bytes) for s in segments)
             assert materialize(segments) == blob.file_bytes
-        assert backend.counters.requests == 2
+        assert len(backend.requests) == 2
         assert not (tmp_path / "cache").exists()
         await storage.aclose()
 
@@ -492,7 +490,7 @@ def test_sync_data_still_caches(tmp_path: Path, blob_dir: Path) -> None:
         storage, _ = make_storage(tmp_path, [blob], sync_data=True)
         assert await read_all(storage, blob) == blob.file_bytes
         cache = storage._blobs[0].cache
-        assert cache is not None and cache.ready_count() == 8
+        assert isinstance(cache, ChunkCache) and cache.ready_count() == 8
         await storage.aclose()
 
     run(scenario())

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.storage.blobs import Blob, RecordingBackend, build_blob, materialize, run
-from vhostfs.rafs.chunk import IN_BOOTSTRAP, ZERO_FILL, ChunkRef, Compressor
-from vhostfs.storage.fetch import FetchOptions, ImageStorage
+from tests.storage.blobs import (
+    Blob,
+    Gate,
+    RecordingBackend,
+    VirtualClock,
+    build_blob,
+    materialize,
+    run,
+    yield_to_loop,
+)
+from vhostfs.storage.blob import IN_BOOTSTRAP, ZERO_FILL, ChunkRef, Compressor
+from vhostfs.storage.cache import ChunkCache
+from vhostfs.storage.image_storage import FetchOptions, ImageStorage
 from vhostfs.storage.localfs import LocalFsBackend
 from vhostfs.storage.prefetch import Prefetcher, TokenBucket
 
@@ -24,6 +33,22 @@ def blob_dir(tmp_path: Path) -> Path:
     return path
 
 
+class StallingBucket(TokenBucket):
+    """Lets `passes` takes through, then holds the next one until cancelled."""
+
+    def __init__(self, passes: int) -> None:
+        super().__init__(1)
+        self.passes = passes
+        self.stalled = asyncio.Event()
+
+    async def take(self, amount: int) -> None:
+        if self.passes:
+            self.passes -= 1
+            return
+        self.stalled.set()
+        await asyncio.Event().wait()
+
+
 def make_storage(tmp_path: Path, blob: Blob) -> tuple[ImageStorage, RecordingBackend]:
     backend = RecordingBackend(LocalFsBackend(dir=tmp_path / "blobs"))
     storage = ImageStorage(
@@ -33,25 +58,41 @@ def make_storage(tmp_path: Path, blob: Blob) -> tuple[ImageStorage, RecordingBac
 
 
 def test_token_bucket_holds_the_rate() -> None:
-    async def scenario() -> float:
-        bucket = TokenBucket(4 << 20, burst=0)
-        began = time.monotonic()
+    clock = VirtualClock()
+
+    async def scenario() -> None:
+        bucket = TokenBucket(4 << 20, burst=0, clock=clock, sleep=clock.sleep)
         for _ in range(8):
             await bucket.take(128 << 10)
-        return time.monotonic() - began
 
-    assert 0.22 <= run(scenario()) <= 0.6  # 1 MiB at 4 MiB/s
+    run(scenario())
+    assert clock.slept == pytest.approx(0.25)  # 1 MiB at 4 MiB/s
+    assert clock.sleeps == 8
+
+
+def test_token_bucket_lets_the_burst_through_at_once() -> None:
+    clock = VirtualClock()
+
+    async def scenario() -> None:
+        bucket = TokenBucket(1 << 20, clock=clock, sleep=clock.sleep)  # burst: a tenth
+        await bucket.take((1 << 20) // 10)
+        assert clock.sleeps == 0
+        await bucket.take(1 << 20)
+
+    run(scenario())
+    assert clock.slept == pytest.approx(1.0)
 
 
 def test_token_bucket_unlimited_never_waits() -> None:
+    clock = VirtualClock()
+
     async def scenario() -> None:
-        bucket = TokenBucket(0)
+        bucket = TokenBucket(0, clock=clock, sleep=clock.sleep)
         for _ in range(1000):
             await bucket.take(1 << 30)
 
-    began = time.monotonic()
     run(scenario())
-    assert time.monotonic() - began < 0.5
+    assert clock.sleeps == 0
 
 
 def test_prefetch_warms_everything_once(tmp_path: Path, blob_dir: Path) -> None:
@@ -69,7 +110,7 @@ def test_prefetch_warms_everything_once(tmp_path: Path, blob_dir: Path) -> None:
         prefetcher.start([*extras, *blob.refs, *blob.refs])  # repeats are skipped
         await prefetcher.wait()
         cache = storage._blobs[0].cache
-        assert cache is not None and cache.ready_count() == 32
+        assert isinstance(cache, ChunkCache) and cache.ready_count() == 32
         assert prefetcher.stats.chunks == 30 and prefetcher.stats.failed_chunks == 0
         assert sum(size for _, _, size in backend.requests) == sum(
             ref.compressed_size for i, ref in enumerate(blob.refs) if i not in (5, 6)
@@ -87,23 +128,24 @@ def test_prefetch_respects_the_bandwidth_limit(tmp_path: Path, blob_dir: Path, r
     blob = build_blob(blob_dir, chunk_count=32, compressor=Compressor.NONE)
     total = 32 * CHUNK  # 512 KiB stored
 
-    async def scenario() -> float:
+    clock = VirtualClock()
+
+    async def scenario() -> None:
         storage, backend = make_storage(tmp_path, blob)
         prefetcher = Prefetcher(storage, bandwidth_rate=rate, merging_size=4 * CHUNK)
-        began = time.monotonic()
+        # Counted in tokens: the time the bucket makes the prefetch wait, not wall time.
+        prefetcher._bucket = TokenBucket(rate, clock=clock, sleep=clock.sleep)
         prefetcher.start(blob.refs)
         await prefetcher.wait()
-        elapsed = time.monotonic() - began
-        assert backend.counters.bytes == total
+        assert backend.returned_bytes == total
+        assert prefetcher.stats.bytes == total and prefetcher.stats.batches == 8
         await storage.aclose()
-        return elapsed
 
-    elapsed = run(scenario())
+    run(scenario())
     if rate:
-        expected = (total - rate // 10) / rate  # the burst goes at once
-        assert expected * 0.9 <= elapsed <= expected + 1.0
+        assert clock.slept == pytest.approx((total - rate // 10) / rate)  # the burst goes at once
     else:
-        assert elapsed < 0.3
+        assert clock.sleeps == 0
 
 
 def test_prefetch_waits_while_a_guest_read_misses(tmp_path: Path, blob_dir: Path) -> None:
@@ -112,27 +154,29 @@ def test_prefetch_waits_while_a_guest_read_misses(tmp_path: Path, blob_dir: Path
 
     async def scenario() -> None:
         storage, backend = make_storage(tmp_path, blob)
-        release_guest = asyncio.Event()
-        guest_waiting = asyncio.Event()
+        prefetch_gate = Gate()
+        guest_gate = Gate()
 
         async def gate(blob_id: str, offset: int, size: int) -> None:
             if offset == guest_ref.compressed_offset:
-                guest_waiting.set()
-                await release_guest.wait()
+                await guest_gate(blob_id, offset, size)
             else:
-                await asyncio.sleep(0.003)  # a slowish backend for prefetch traffic
+                await prefetch_gate(blob_id, offset, size)
 
         backend.gate = gate
-        prefetcher = Prefetcher(storage, merging_size=CHUNK, threads=2)
+        prefetcher = Prefetcher(storage, merging_size=CHUNK, max_batches=2)
         prefetcher.start(blob.refs[:60])
-        await asyncio.sleep(0.02)
+        await prefetch_gate.reached(2)  # both batch slots are busy at the backend
         guest = asyncio.ensure_future(storage.read([guest_ref], *blob.chunk_range(63)))
-        await guest_waiting.wait()
+        await guest_gate.reached(1)
         requests_when_guest_began = len(backend.requests)
-        await asyncio.sleep(0.05)
+        # The prefetch batches in flight finish, freeing their slots while the guest waits.
+        prefetch_gate.release.set()
+        await asyncio.wait(list(prefetcher._batches))
+        await yield_to_loop()  # room for the prefetcher to start more, were it not paused
         assert len(backend.requests) == requests_when_guest_began, "prefetch did not pause"
         assert not prefetcher.done
-        release_guest.set()
+        guest_gate.release.set()
         assert materialize(await guest) == blob.chunks[63]
         await prefetcher.wait()
         assert len(backend.requests) == 61
@@ -146,23 +190,19 @@ def test_a_guest_read_joins_a_chunk_being_prefetched(tmp_path: Path, blob_dir: P
 
     async def scenario() -> None:
         storage, backend = make_storage(tmp_path, blob)
-        release = asyncio.Event()
-
-        async def hold(blob_id: str, offset: int, size: int) -> None:
-            await release.wait()
-
-        backend.gate = hold
+        gate = Gate()
+        backend.gate = gate
         prefetcher = Prefetcher(storage, merging_size=1)
         prefetcher.start(blob.refs)
-        await asyncio.sleep(0.01)
-        in_flight = len(backend.requests)
+        await gate.reached(4)  # every chunk is being prefetched
         guest = asyncio.ensure_future(storage.read(blob.refs[:1], *blob.chunk_range(0)))
-        await asyncio.sleep(0.01)
-        assert len(backend.requests) == in_flight  # no second fetch of chunk 0
-        release.set()
+        await yield_to_loop()  # room for the guest read to fetch, were it not joining
+        assert not guest.done()
+        assert len(backend.requests) == 4  # no second fetch of chunk 0
+        gate.release.set()
         assert materialize(await guest) == blob.chunks[0]
         await prefetcher.wait()
-        assert backend.counters.requests == 4
+        assert len(backend.requests) == 4
         await storage.aclose()
 
     run(scenario())
@@ -176,18 +216,20 @@ def test_stop_cancels_cleanly(
     async def scenario() -> None:
         storage, backend = make_storage(tmp_path, blob)
         prefetcher = Prefetcher(storage, bandwidth_rate=256 << 10, merging_size=CHUNK)
+        bucket = StallingBucket(passes=3)
+        prefetcher._bucket = bucket
         prefetcher.start(blob.refs)
-        await asyncio.sleep(0.1)
-        began = time.monotonic()
-        await prefetcher.stop()
-        assert time.monotonic() - began < 0.1
+        await bucket.stalled.wait()  # three batches started, the fourth waits for tokens
+        # stop() must not wait for the bandwidth limit (here: forever); the bound is a guard.
+        await asyncio.wait_for(prefetcher.stop(), 10)
         assert prefetcher.done
-        fetched = backend.counters.requests
-        assert 0 < fetched < 64
-        await asyncio.sleep(0.1)
-        assert backend.counters.requests == fetched
+        fetched = len(backend.requests)
+        assert fetched == 3
+        await yield_to_loop()
+        assert len(backend.requests) == fetched
         # The storage serves on, and closes with nothing left running.
-        assert materialize(await storage.read(blob.refs[-1:], *blob.chunk_range(63)))
+        data = materialize(await storage.read(blob.refs[-1:], *blob.chunk_range(63)))
+        assert data == blob.chunks[63]
         await storage.aclose()
         leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         assert leftover == []
@@ -200,10 +242,12 @@ def test_closing_the_storage_under_a_prefetch_stops_it(tmp_path: Path, blob_dir:
     blob = build_blob(blob_dir, chunk_count=64, compressor=Compressor.NONE)
 
     async def scenario() -> None:
-        storage, _ = make_storage(tmp_path, blob)
+        storage, backend = make_storage(tmp_path, blob)
+        gate = Gate(holds=lambda *_: False)
+        backend.gate = gate
         prefetcher = Prefetcher(storage, bandwidth_rate=256 << 10, merging_size=CHUNK)
         prefetcher.start(blob.refs)
-        await asyncio.sleep(0.05)
+        await gate.reached(1)  # prefetching has begun
         await storage.aclose()
         await asyncio.wait_for(prefetcher.wait(), 2)
         assert prefetcher.done

@@ -2,5 +2,6 @@
 
 from pathlib import Path
 
-# Real nydus images (bootstraps, blobs, and the listings they must give), shared beside the repo.
+# Real nydus images (bootstraps, blobs, and the listings they must give): shared/ sits beside
+# the checkout, here and in CI.
 NYDUS_FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "nydus"

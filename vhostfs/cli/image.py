@@ -16,16 +16,18 @@ from typing import NoReturn, TypeVar
 import click
 
 from vhostfs.rafs.base import InodeAttr, RafsImage
-from vhostfs.rafs.blob import BlobStore
 from vhostfs.rafs.build import BuildError, BuildOptions, build_image
 from vhostfs.rafs.build.builder import DEFAULT_CHUNK_SIZE
 from vhostfs.rafs.build.compression import BUILD_COMPRESSORS
 from vhostfs.rafs.build.progress import Progress
 from vhostfs.rafs.build.unpack import UnpackError, unpack_image
 from vhostfs.rafs.build.verify import CheckFailed, check_image
-from vhostfs.rafs.chunk import Compressor, Digester
 from vhostfs.rafs.errors import RafsError
 from vhostfs.rafs.image import open_image
+from vhostfs.storage.blob import Compressor, Digester
+from vhostfs.storage.config import ConfigError, RafsConfig
+from vhostfs.storage.errors import StorageError
+from vhostfs.storage.sync import SyncStorage
 
 _UNITS = {"": 1, "k": 1 << 10, "ki": 1 << 10, "m": 1 << 20, "mi": 1 << 20}
 _Result = TypeVar("_Result")
@@ -40,7 +42,7 @@ def _clean_errors() -> Iterator[None]:
     """Errors about the input become one-line messages."""
     try:
         yield
-    except (RafsError, BuildError, CheckFailed, UnpackError) as e:
+    except (RafsError, StorageError, ConfigError, BuildError, CheckFailed, UnpackError) as e:
         _fail(e)
     except OSError as e:
         where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
@@ -70,8 +72,12 @@ _blob_option = click.option(
 )
 
 
-def _open_store(blob_dir: str | None, blob_files: tuple[str, ...]) -> BlobStore:
-    return BlobStore(blob_dir=blob_dir, files=dict(enumerate(blob_files)))
+def _open_storage(
+    image: RafsImage, blob_dir: str | None, blob_files: tuple[str, ...]
+) -> SyncStorage:
+    """The image's storage as the server would open it from the same flags, minus the cache."""
+    config = RafsConfig.from_flags(blob_dir=blob_dir, blob_files=blob_files)
+    return SyncStorage(config, image.blobs, bootstrap=image.path)
 
 
 def _with_image(path: str, use: Callable[[RafsImage], _Result]) -> _Result:
@@ -237,7 +243,7 @@ def _file_bytes(image: RafsImage) -> int:
 
 def _check(image: RafsImage, blob_dir: str | None, blob_files: tuple[str, ...]) -> None:
     total = _file_bytes(image)
-    with _open_store(blob_dir, blob_files) as store, Progress(total, "check") as progress:
+    with _open_storage(image, blob_dir, blob_files) as store, Progress(total, "check") as progress:
         report = check_image(image, store, on_file=progress.advance)
     click.echo(
         f"ok: {report.inodes} entries, {report.files} files, {report.file_bytes} bytes read, "
@@ -275,7 +281,7 @@ def unpack_command(
 
 def _unpack(image: RafsImage, blob_dir: str | None, blob_files: tuple[str, ...], out: str) -> None:
     total = _file_bytes(image)
-    with _open_store(blob_dir, blob_files) as store, Progress(total, "unpack") as progress:
+    with _open_storage(image, blob_dir, blob_files) as store, Progress(total, "unpack") as progress:
         report = unpack_image(image, store, out, on_file=progress.advance)
     for skipped in report.skipped:
         click.echo(f"skipped: {skipped}", err=True)

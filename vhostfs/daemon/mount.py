@@ -21,7 +21,14 @@ from vhostfs.fs.passthrough import Passthrough
 from vhostfs.fs.rafs import RafsFs
 from vhostfs.fuse.ops import Operations
 from vhostfs.rafs import RafsError, RafsImage, open_image
-from vhostfs.storage import ConfigError, ImageStorage, Prefetcher, open_storage, prefetcher_for
+from vhostfs.storage import (
+    ConfigError,
+    ImageStorage,
+    Prefetcher,
+    StorageError,
+    open_storage,
+    prefetcher_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +124,7 @@ class RafsMount(Mount):
             self._storage = open_storage(
                 config.storage, self._image.blobs, bootstrap=config.bootstrap
             )
-        except (RafsError, ConfigError) as e:
+        except (RafsError, StorageError, ConfigError) as e:
             raise MountError(str(e)) from None
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""

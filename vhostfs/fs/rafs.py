@@ -39,8 +39,10 @@ from vhostfs.fuse.ops import (
     StatFs,
 )
 from vhostfs.rafs.base import InodeAttr, RafsImage
-from vhostfs.rafs.chunk import ChunkRef
 from vhostfs.rafs.errors import RafsError
+from vhostfs.storage.blob import ChunkRef
+from vhostfs.storage.config import RafsConfig
+from vhostfs.storage.errors import ChunkRefError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,12 @@ ATTR_CACHE_SIZE = 8192
 
 
 class DataSource(Protocol):
-    """Where file bytes come from: the storage layer (chunk fetch, verify, cache)."""
+    """Where file bytes come from: the storage layer (chunk fetch, verify, cache), that is
+    vhostfs.storage.ImageStorage (open_storage builds it); tests may pass their own."""
+
+    @property
+    def config(self) -> RafsConfig | None:
+        """The mount's config, when the data source was opened from one."""
 
     async def read(
         self, chunks: Sequence[ChunkRef], start: int, end: int
@@ -62,9 +69,18 @@ class DataSource(Protocol):
 
 
 class RafsFs(ReadOnlyOperations):
-    def __init__(self, image: RafsImage, data: DataSource) -> None:
+    """`enable_xattr` None takes the setting from the data source's config (on when there is
+    none, as for the CLI flags)."""
+
+    def __init__(
+        self, image: RafsImage, data: DataSource, *, enable_xattr: bool | None = None
+    ) -> None:
         self.image = image
         self.data = data
+        if enable_xattr is None:
+            enable_xattr = data.config.enable_xattr if data.config is not None else True
+        # As nydusd: the image's HAS_XATTR flag serves xattrs whatever the config says.
+        self.serves_xattrs = enable_xattr or image.has_xattr_flag
         # The image never changes, so an inode's FUSE attributes can be built once and reused
         # for every LOOKUP and GETATTR (the dispatcher only reads them).
         self._guest_attr = functools.lru_cache(maxsize=ATTR_CACHE_SIZE)(self._build_guest_attr)
@@ -92,7 +108,7 @@ class RafsFs(ReadOnlyOperations):
         try:
             return self.image.getattr(ino)
         except RafsError as exc:
-            raise _corrupt(exc) from None
+            raise _fuse_error(exc) from None
 
     # Prefetch ------------------------------------------------------------------------------------
 
@@ -161,7 +177,7 @@ class RafsFs(ReadOnlyOperations):
         try:
             ino = self.image.lookup(self._ino(parent), name)
         except RafsError as exc:
-            raise _corrupt(exc) from None
+            raise _fuse_error(exc) from None
         if ino is None:
             # A negative entry the guest may keep: the name will never appear.
             return EntryOut(NodeId(0), Attr(st_ino=0, st_mode=0), entry_timeout=TIMEOUT)
@@ -180,7 +196,7 @@ class RafsFs(ReadOnlyOperations):
         try:
             return self.image.readlink(ino)
         except RafsError as exc:
-            raise _corrupt(exc) from None
+            raise _fuse_error(exc) from None
 
     async def statfs(self, node: NodeId, ctx: RequestContext) -> StatFs:
         info = self.image.statfs()
@@ -223,9 +239,9 @@ class RafsFs(ReadOnlyOperations):
             return b""
         try:
             chunks = self.image.chunks(ino, offset, end - offset)
-        except RafsError as exc:
-            raise _corrupt(exc) from None
-        return await self.data.read(chunks, offset, end)
+            return await self.data.read(chunks, offset, end)
+        except (RafsError, StorageError) as exc:
+            raise _fuse_error(exc) from None
 
     async def flush(self, node: NodeId, fh: FileHandle, lock_owner: int) -> None:
         return None
@@ -261,27 +277,34 @@ class RafsFs(ReadOnlyOperations):
             for entry in self.image.readdir(ino, offset):
                 yield DirEntry(entry.name, entry.next_offset, entry.ino, entry.dtype)
         except RafsError as exc:
-            raise _corrupt(exc) from None
+            raise _fuse_error(exc) from None
 
     async def releasedir(self, node: NodeId, fh: FileHandle) -> None:
         return None
 
     # Extended attributes -------------------------------------------------------------------------
+    # With xattrs disabled nydusd answers ENOSYS to both getxattr and listxattr (not ENODATA /
+    # an empty list): the guest kernel then stops asking for the rest of the session, and
+    # userspace sees EOPNOTSUPP, "this file system has no xattrs".
 
     async def getxattr(self, node: NodeId, name: bytes, ctx: RequestContext) -> bytes:
+        if not self.serves_xattrs:
+            raise FuseError(errno.ENOSYS)
         try:
             value = self.image.getxattr(self._ino(node), name)
         except RafsError as exc:
-            raise _corrupt(exc) from None
+            raise _fuse_error(exc) from None
         if value is None:
             raise FuseError(errno.ENODATA)
         return value
 
     async def listxattr(self, node: NodeId, ctx: RequestContext) -> Sequence[bytes]:
+        if not self.serves_xattrs:
+            raise FuseError(errno.ENOSYS)
         try:
             return self.image.listxattr(self._ino(node))
         except RafsError as exc:
-            raise _corrupt(exc) from None
+            raise _fuse_error(exc) from None
 
 
 def _fuse_attr(attr: InodeAttr) -> Attr:
@@ -302,9 +325,12 @@ def _fuse_attr(attr: InodeAttr) -> Attr:
     )
 
 
-def _corrupt(exc: RafsError) -> FuseError:
-    """The image could not answer: the guest gets the error's errno (EIO for a damaged image
-    or blob, which the operator also sees in the log, naming the field)."""
-    if exc.errno == errno.EIO:
+def _fuse_error(exc: RafsError | StorageError) -> FuseError:
+    """The one place where the image's and the storage's errors become the guest's errno.
+
+    A damaged image (EIO) is logged here, naming the field. Failed fetches are not: the storage
+    layer logs each failed chunk once, however many reads wait for it. ENOTDIR, EINVAL and
+    EOPNOTSUPP are answers, not problems."""
+    if exc.errno == errno.EIO and isinstance(exc, RafsError | ChunkRefError):
         log.warning("bad image: %s", exc)
     return FuseError(exc.errno)

@@ -1,36 +1,28 @@
 """Reading Nydus RAFS bootstraps (v5 and v6) and plain EROFS images.
 
-with open_image(path) as image:
+with open_image(path) as image, SyncStorage(config, image.blobs, bootstrap=path) as storage:
     ino = image.lookup(image.root_ino, b"etc")
-    data = image.read_file(ino, 0, 4096, blobs=BlobStore(blob_dir))
+    data = read_file(image, storage, ino, 0, 4096)
+
+The format package only reads metadata; the blob vocabulary it hands out (BlobInfo, ChunkRef,
+Compressor...) and everything that fetches or decodes blob bytes live in vhostfs.storage.
 """
 
 from vhostfs.rafs.base import DirEntry, InodeAttr, RafsImage, StatFs
-from vhostfs.rafs.blob import BlobInfo, BlobMetaLocation, BlobStore
-from vhostfs.rafs.chunk import IN_BOOTSTRAP, ZERO_FILL, ChunkRef, Compressor, Digester
 from vhostfs.rafs.errors import (
     BlobError,
-    ChunkDigestError,
     CorruptError,
     InodeTypeError,
     NotDirectoryError,
     RafsError,
     UnsupportedError,
 )
+from vhostfs.rafs.file_data import read_file
 from vhostfs.rafs.image import open_image
 
 __all__ = [
-    "IN_BOOTSTRAP",
-    "ZERO_FILL",
     "BlobError",
-    "BlobInfo",
-    "BlobMetaLocation",
-    "BlobStore",
-    "ChunkDigestError",
-    "ChunkRef",
-    "Compressor",
     "CorruptError",
-    "Digester",
     "DirEntry",
     "InodeAttr",
     "InodeTypeError",
@@ -40,4 +32,5 @@ __all__ = [
     "StatFs",
     "UnsupportedError",
     "open_image",
+    "read_file",
 ]

@@ -1,4 +1,4 @@
-"""What every image format offers: the inode API, and file reading built on top of it.
+"""What every image format offers: the inode API, and a tree walk built on top of it.
 
 Inode numbers are the format's own (EROFS nid for RAFS v6 and plain EROFS, the inode number for
 RAFS v5), as nydusd exposes them. Readers decode inodes on demand from the mapped bootstrap and
@@ -8,7 +8,6 @@ size.
 
 from __future__ import annotations
 
-import os
 import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -16,10 +15,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import NamedTuple
 
-from vhostfs.rafs.blob import BlobInfo, BlobStore
-from vhostfs.rafs.chunk import IN_BOOTSTRAP, ZERO_FILL, ChunkRef, decompress, verify_digest
-from vhostfs.rafs.errors import BlobError, CorruptError, InodeTypeError
+from vhostfs.rafs.errors import CorruptError
 from vhostfs.rafs.mapped import MappedFile
+from vhostfs.storage.blob import BlobInfo, ChunkRef
 
 DT_UNKNOWN = 0
 
@@ -61,6 +59,9 @@ class RafsImage(ABC):
     root_ino: int
     blobs: tuple[BlobInfo, ...]
     explicit_uid_gid: bool  # False: nydusd reports its own uid/gid for every inode
+    # The superblock's HAS_XATTR flag: nydusd serves xattrs then even if the config does not
+    # enable them.
+    has_xattr_flag: bool = False
 
     def __init__(self, mapped: MappedFile) -> None:
         self._mapped = mapped
@@ -122,75 +123,6 @@ class RafsImage(ABC):
         return []
 
     # --- Built on the API ------------------------------------------------------------------
-
-    def read_file(
-        self,
-        ino: int,
-        offset: int,
-        size: int,
-        blobs: BlobStore | str | os.PathLike[str] | None = None,
-        *,
-        verify: bool = True,
-    ) -> bytes:
-        """File bytes [offset, offset + size), clipped at the end of the file.
-
-        `blobs` is a BlobStore or a directory holding blobs named by their ids. Chunks are
-        decompressed and, when `verify` is set and the image records digests, checked.
-        """
-        if isinstance(blobs, BlobStore) or blobs is None:
-            return self._read_file(ino, offset, size, blobs, verify)
-        with BlobStore(blob_dir=blobs) as store:
-            return self._read_file(ino, offset, size, store, verify)
-
-    def _read_file(
-        self, ino: int, offset: int, size: int, store: BlobStore | None, verify: bool
-    ) -> bytes:
-        attr = self.getattr(ino)
-        if not stat.S_ISREG(attr.mode):
-            raise InodeTypeError(f"inode {ino}: not a regular file (mode {attr.mode:o})")
-        end = min(offset + size, attr.size)
-        out = bytearray()
-        position = offset
-        for ref in self.chunks(ino, offset, size):
-            if not ref.file_offset <= position < ref.file_end:
-                raise CorruptError(
-                    f"inode {ino}: chunk for file bytes {ref.file_offset}..{ref.file_end} "
-                    f"does not continue at byte {position}"
-                )
-            stop = min(end, ref.file_end)
-            out += self._chunk_bytes(ref, position, stop, store, verify)
-            position = stop
-        if position < end:
-            raise CorruptError(f"inode {ino}: chunks stop at byte {position} of {attr.size}")
-        return bytes(out)
-
-    def _chunk_bytes(
-        self, ref: ChunkRef, start: int, stop: int, store: BlobStore | None, verify: bool
-    ) -> bytes:
-        """File bytes [start, stop), which lie inside ref."""
-        skip = start - ref.file_offset
-        if ref.blob_index == ZERO_FILL:
-            return bytes(stop - start)
-        if ref.blob_index == IN_BOOTSTRAP:
-            return self._mapped.read(ref.compressed_offset + skip, stop - start, "file data")
-        blob = self.blobs[ref.blob_index]
-        what = ref.describe(blob.blob_id)
-        if store is None:
-            raise BlobError(f"{what}: no blob store given to read it from")
-        check = verify and blob.digester is not None and ref.digest is not None
-        if not ref.compressed and not check:
-            return store.pread(blob, ref.compressed_offset + skip, stop - start, what)
-        stored = store.pread(blob, ref.compressed_offset, ref.compressed_size, what)
-        if ref.compressed:
-            data = decompress(blob.compressor, stored, ref.uncompressed_size, what)
-        elif len(stored) != ref.uncompressed_size:
-            raise BlobError(f"{what}: stored uncompressed, but sizes differ")
-        else:
-            data = stored
-        if check:
-            assert blob.digester is not None and ref.digest is not None
-            verify_digest(blob.digester, data, ref.digest, what)
-        return data[skip : stop - ref.file_offset]
 
     def walk(self) -> Iterator[tuple[bytes, int, InodeAttr]]:
         """(path, ino, attr) for the root and everything below it, each directory before its

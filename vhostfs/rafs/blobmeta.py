@@ -6,6 +6,8 @@ A blob built by nydus v2.2+ ends with a ToC: 128-byte entries naming each part o
 array sits at the offset the bootstrap's blob table gives, optionally compressed, followed by a
 4 KiB header that must agree with the blob table. Everything read here comes from the blob, so
 a mismatch is a BlobError; sizes that come from the bootstrap are checked where they are used.
+The bytes are read through the storage layer's facade (vhostfs.storage.sync), from whatever
+backend serves the image; bytes that cannot be fetched or decoded are StorageErrors.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vhostfs.rafs import layout as L
-from vhostfs.rafs.blob import BlobInfo, BlobMetaLocation, BlobStore
-from vhostfs.rafs.chunk import COMPRESSOR_BY_CODE, Compressor, decompress
 from vhostfs.rafs.errors import BlobError, UnsupportedError
+from vhostfs.storage.blob import COMPRESSOR_BY_CODE, BlobInfo, BlobMetaLocation, Compressor
+from vhostfs.storage.codec import decompress
+from vhostfs.storage.sync import SyncStorage
 
 _TOC_COMPRESSORS = {
     L.TOC_COMPRESSION_NONE: Compressor.NONE,
@@ -56,7 +59,7 @@ def _meta(blob: BlobInfo) -> BlobMetaLocation:
     return blob.meta
 
 
-def read_toc(store: BlobStore, blob: BlobInfo) -> list[TocEntry]:
+def read_toc(store: SyncStorage, blob: BlobInfo) -> list[TocEntry]:
     """The blob's table of contents, checked against the digest in the blob table."""
     meta = _meta(blob)
     what = f"blob {blob.blob_id} ToC"
@@ -65,11 +68,11 @@ def read_toc(store: BlobStore, blob: BlobInfo) -> list[TocEntry]:
     entries_size = meta.toc_size - L.TAR_HEADER_SIZE
     if not 0 < entries_size <= L.TOC_MAX_SIZE or entries_size % L.TOC_ENTRY.size:
         raise BlobError(f"{what}: size {meta.toc_size} in the blob table")
-    blob_size = store.size(blob)
+    blob_size = store.blob_size(blob)
     toc_start = blob_size - meta.toc_size
     if toc_start < 0:
         raise BlobError(f"{what}: {meta.toc_size} bytes in a blob of {blob_size}")
-    raw = store.pread(blob, toc_start, meta.toc_size, what)
+    raw = store.read_blob(blob, toc_start, meta.toc_size)
     if meta.toc_digest != bytes(_DIGEST_SIZE) and hashlib.sha256(raw).digest() != meta.toc_digest:
         raise BlobError(f"{what}: sha256 differs from the blob table's toc digest")
     _check_tar_header(raw[entries_size:], L.TOC_NAME, entries_size, what)
@@ -113,15 +116,15 @@ def _octal(field: bytes, what: str) -> int:
         raise BlobError(f"{what}: tar header number {field!r}") from None
 
 
-def read_toc_part(store: BlobStore, blob: BlobInfo, entry: TocEntry) -> bytes:
+def read_toc_part(store: SyncStorage, blob: BlobInfo, entry: TocEntry) -> bytes:
     """A part the ToC names, decompressed and checked against its sha256."""
     what = f"blob {blob.blob_id} ToC entry {entry.name}"
-    toc_start = store.size(blob) - _meta(blob).toc_size
+    toc_start = store.blob_size(blob) - _meta(blob).toc_size
     if entry.compressed_offset + entry.compressed_size > toc_start:
         raise BlobError(f"{what}: {entry.compressed_size} bytes at {entry.compressed_offset}")
     if entry.uncompressed_size > _MAX_TOC_PART:
         raise BlobError(f"{what}: {entry.uncompressed_size} bytes uncompressed")
-    stored = store.pread(blob, entry.compressed_offset, entry.compressed_size, what)
+    stored = store.read_blob(blob, entry.compressed_offset, entry.compressed_size)
     if entry.compressor is Compressor.NONE and entry.compressed_size != entry.uncompressed_size:
         raise BlobError(f"{what}: stored uncompressed, but sizes differ")
     data = decompress(entry.compressor, stored, entry.uncompressed_size, what)
@@ -130,7 +133,7 @@ def read_toc_part(store: BlobStore, blob: BlobInfo, entry: TocEntry) -> bytes:
     return data
 
 
-def read_chunk_digests(store: BlobStore, blob: BlobInfo) -> list[bytes]:
+def read_chunk_digests(store: SyncStorage, blob: BlobInfo) -> list[bytes]:
     """The blob.digest part: one digest per chunk, by chunk index."""
     for entry in read_toc(store, blob):
         if entry.name == "blob.digest":
@@ -198,11 +201,11 @@ class ChunkInfoArray:
         )
 
 
-def read_chunk_infos(store: BlobStore, blob: BlobInfo) -> ChunkInfoArray:
+def read_chunk_infos(store: SyncStorage, blob: BlobInfo) -> ChunkInfoArray:
     """The blob's chunk-info array, once its header agrees with the bootstrap's blob table."""
     meta = _meta(blob)
     what = f"blob {blob.blob_id} meta"
-    raw = store.pread(blob, meta.ci_offset, meta.ci_compressed_size + L.BLOB_META_HEADER_SIZE, what)
+    raw = store.read_blob(blob, meta.ci_offset, meta.ci_compressed_size + L.BLOB_META_HEADER_SIZE)
     header = raw[meta.ci_compressed_size :]
     magic, features, ci_compressor, entries, ci_offset, ci_compressed, ci_uncompressed = (
         L.BLOB_META_HEADER.unpack_from(header)

@@ -7,10 +7,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from vhostfs.rafs import layout as L
-from vhostfs.rafs.blob import BlobInfo
-from vhostfs.rafs.chunk import ZERO_FILL, ChunkRef
 from vhostfs.rafs.errors import CorruptError, UnsupportedError
 from vhostfs.rafs.mapped import MappedFile
+from vhostfs.storage.blob import ZERO_FILL, BlobInfo, ChunkRef
 
 
 class ChunkRecord(NamedTuple):

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 
 from vhostfs.rafs import layout as L
 from vhostfs.rafs.base import DirEntry, InodeAttr, RafsImage, StatFs
-from vhostfs.rafs.blob import BlobInfo
 from vhostfs.rafs.checksum import crc32c
-from vhostfs.rafs.chunk import IN_BOOTSTRAP, ZERO_FILL, ChunkRef, Compressor
 from vhostfs.rafs.dirent import DirentBlock, decode_block, first_name
 from vhostfs.rafs.errors import (
     CorruptError,
@@ -33,6 +31,7 @@ from vhostfs.rafs.errors import (
 )
 from vhostfs.rafs.mapped import MappedFile
 from vhostfs.rafs.xattr import xattr_entries
+from vhostfs.storage.blob import IN_BOOTSTRAP, ZERO_FILL, BlobInfo, ChunkRef, Compressor
 
 INODE_CACHE_SIZE = 4096
 DIRENT_BLOCK_CACHE_SIZE = 256

@@ -2,7 +2,8 @@
 
 The bootstrap and the blobs come from whoever built the image, so bad bytes are an expected
 input, not a bug: each failure is a RafsError whose message names the structure and field that
-was wrong. `errno` is what a file system serving the image should answer with.
+was wrong. `errno` is what a file system serving the image should answer with. Fetching and
+decoding blob data is the storage layer's business, with its own errors (vhostfs.storage.errors).
 """
 
 import errno as _errno
@@ -37,8 +38,6 @@ class InodeTypeError(RafsError):
 
 
 class BlobError(RafsError):
-    """A data blob is missing, short, or holds chunk bytes that do not decode."""
-
-
-class ChunkDigestError(BlobError):
-    """A chunk decoded, but its digest differs from the one the bootstrap records."""
+    """A data blob's own metadata (ToC, chunk-info array, digest array) is inconsistent, or
+    disagrees with the bootstrap. Failures to fetch or decode blob bytes are storage errors
+    (vhostfs.storage.errors), not format errors."""

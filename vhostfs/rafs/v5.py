@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 from vhostfs.rafs import layout as L
 from vhostfs.rafs.base import DirEntry, InodeAttr, RafsImage, StatFs
-from vhostfs.rafs.blob import BlobInfo
-from vhostfs.rafs.chunk import ZERO_FILL, ChunkRef, Compressor, Digester
 from vhostfs.rafs.chunkinfo import ChunkRecord, read_record, record_to_ref
 from vhostfs.rafs.errors import CorruptError, InodeTypeError, NotDirectoryError
 from vhostfs.rafs.mapped import MappedFile
+from vhostfs.storage.blob import ZERO_FILL, BlobInfo, ChunkRef, Compressor, Digester
 
 INODE_CACHE_SIZE = 4096
 ATTR_BLOCK_SIZE = 4096
@@ -142,6 +141,7 @@ class RafsV5Image(RafsImage):
         self.super = sb = read_super(mapped)
         self.chunk_size = sb.chunk_size
         self.explicit_uid_gid = bool(sb.flags & L.FLAG_EXPLICIT_UID_GID)
+        self.has_xattr_flag = bool(sb.flags & L.FLAG_HAS_XATTR)
         self.compressor = _COMPRESSOR_BY_FLAG[
             _one_flag(sb.flags, _COMPRESSOR_BY_FLAG, L.FLAG_COMPRESSION_LZ4)
         ]

@@ -15,12 +15,18 @@ from array import array
 from dataclasses import dataclass
 
 from vhostfs.rafs import layout as L
-from vhostfs.rafs.blob import BlobInfo, BlobMetaLocation
-from vhostfs.rafs.chunk import COMPRESSOR_BY_CODE, DIGESTER_BY_CODE, ZERO_FILL, ChunkRef
 from vhostfs.rafs.chunkinfo import read_record, record_to_ref
 from vhostfs.rafs.erofs import ErofsImage, ErofsInode, ErofsSuper
 from vhostfs.rafs.errors import CorruptError, UnsupportedError
 from vhostfs.rafs.mapped import MappedFile
+from vhostfs.storage.blob import (
+    COMPRESSOR_BY_CODE,
+    DIGESTER_BY_CODE,
+    ZERO_FILL,
+    BlobInfo,
+    BlobMetaLocation,
+    ChunkRef,
+)
 
 _COMPRESSION_FLAGS = (
     L.FLAG_COMPRESSION_NONE
@@ -88,6 +94,7 @@ class RafsV6Image(ErofsImage):
         self.ext = ext = read_ext_super(mapped)  # the blob table, read by ErofsImage, needs it
         self.chunk_size = ext.chunk_size
         self.explicit_uid_gid = bool(ext.flags & L.FLAG_EXPLICIT_UID_GID)
+        self.has_xattr_flag = bool(ext.flags & L.FLAG_HAS_XATTR)
         self._chunk_index: array[int] | None = None
         super().__init__(mapped)
         self._check_tables_apart()

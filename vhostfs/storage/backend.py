@@ -2,8 +2,10 @@
 
 A backend fetches byte ranges of a blob by name, as the blob stores them (compressed chunks
 back to back). It knows nothing about chunks, caching or verification; the storage layer above
-does all of that, so a registry backend (HTTP range requests) or a Dragonfly mirror only has to
-implement `read`.
+does all of that, so a registry backend (HTTP range requests) or a Dragonfly proxy only has to
+implement `read`, `blob_size` and `aclose`, all coroutines so that an HTTP client's own
+coroutines (httpx.AsyncClient.aclose...) can be awaited directly. Backends keep no counters:
+the storage layer counts requests, bytes and errors in its Metrics.
 
 A backend whose blobs are plain local files may also offer `local_file`, which lets data that
 needs neither decompression nor caching (plain EROFS extra devices) go to the guest straight
@@ -12,25 +14,12 @@ from the blob file.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from vhostfs.rafs.errors import BlobError
+from vhostfs.storage.errors import BackendError
 
-
-class BackendError(BlobError):
-    """A blob range could not be fetched: missing blob, I/O error, short read."""
-
-
-@dataclass(slots=True)
-class BackendCounters:
-    """What a backend has been asked for; updated on the event loop thread."""
-
-    requests: int = 0
-    bytes: int = 0  # successfully returned
-    errors: int = 0
+__all__ = ["BackendError", "BlobBackend", "LocalBlobFiles", "LocalFile"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +31,15 @@ class LocalFile:
 
 
 class BlobBackend(Protocol):
-    @property
-    def counters(self) -> BackendCounters: ...
-
     async def read(self, blob_id: str, offset: int, size: int) -> bytes:
         """Exactly `size` bytes of blob `blob_id` at `offset`, or BackendError naming both."""
         ...
 
-    def close(self) -> None:
+    async def blob_size(self, blob_id: str) -> int:
+        """The blob's size in bytes (blob meta such as the ToC sits at its end)."""
+        ...
+
+    async def aclose(self) -> None:
         """Release files and connections. No read may be running."""
         ...
 
@@ -59,18 +49,3 @@ class LocalBlobFiles(Protocol):
     def local_file(self, blob_id: str) -> LocalFile:
         """The blob's open file, opened on first use; BackendError if there is none."""
         ...
-
-
-def blob_names(blob_ids: Sequence[str]) -> list[str]:
-    """The name each blob of an image's blob table is fetched by, in table order.
-
-    Normally its id. A blob with no id (an anonymous EROFS extra device), or whose id another
-    blob of the table also carries, is named by its slot instead. Such a name contains a space,
-    which the ids images carry (hex digests, printable device tags) never do, so it cannot
-    collide with one.
-    """
-    counts = Counter(blob_ids)
-    return [
-        blob_id if blob_id and counts[blob_id] == 1 else f"<device {index}>"
-        for index, blob_id in enumerate(blob_ids)
-    ]

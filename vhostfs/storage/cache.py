@@ -34,7 +34,7 @@ import struct
 import tempfile
 from typing import Final
 
-from vhostfs.rafs.errors import BlobError
+from vhostfs.storage.errors import CacheError
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,15 @@ def cache_file_name_ok(blob_id: str) -> bool:
 class ChunkCache:
     """Opens (creating or repairing as needed) the cache files of one blob."""
 
+    keeps_chunks = True  # see NullCache
+
     def __init__(
         self, work_dir: str | os.PathLike[str], blob_id: str, chunk_count: int, *, sync_data: bool
     ) -> None:
         if not cache_file_name_ok(blob_id):
-            raise BlobError(f"blob {blob_id!r}: id cannot name a cache file")
+            raise CacheError(f"blob {blob_id!r}: id cannot name a cache file")
         if not 0 < chunk_count < 1 << 32:
-            raise BlobError(f"blob {blob_id}: cannot cache {chunk_count} chunks")
+            raise CacheError(f"blob {blob_id}: cannot cache {chunk_count} chunks")
         work_dir = os.fspath(work_dir)
         self.blob_id = blob_id
         self.chunk_count = chunk_count
@@ -140,7 +142,7 @@ class ChunkCache:
         fd = os.open(self.map_path, os.O_RDWR | os.O_CLOEXEC)
         try:
             if os.fstat(fd).st_size != self._map_size:
-                raise BlobError(f"{self.map_path}: changed size while being opened")
+                raise CacheError(f"{self.map_path}: changed size while being opened")
             return mmap.mmap(fd, self._map_size)
         finally:
             os.close(fd)

@@ -3,10 +3,23 @@
 Only what the storage layer and the file system use is kept; other keys are ignored, as nydusd
 ignores keys it does not know (snapshotter extras such as `warmup` included). Anything present
 but of the wrong type, and anything required but missing, is a ConfigError naming the key path,
-e.g. `device.backend.config.dir: expected a string`.
+e.g. `device.backend.config.dir: expected a string`. What is kept is honoured, or refused:
 
-Backends: only `localfs` for now. `registry`, `oss`, `s3`, `localdisk` and `http-proxy` are
-recognised and refused with "not supported yet".
+- `mode`: "direct" or "cached" (nothing else). Both serve the same here: inodes are decoded
+  from the mapped bootstrap on demand either way.
+- `enable_xattr`: false hides xattrs unless the image says it has them (see vhostfs.fs.rafs).
+- `iostats_files`, `access_pattern`, `latest_read_files`: not collected yet; each logs one
+  warning when set true, and is not kept.
+- `device.cache.config.sync_data`: a vhostfs extension (nydusd has no such key and ignores it):
+  fdatasync cached chunks before marking them ready, for power-loss safety.
+
+Backends: the config's backend is a tagged union (`BackendConfig`), one dataclass per type,
+opened by the factory registered for its type (vhostfs.storage.backends). `localfs` works;
+`registry` and `http-proxy` are parsed into their typed configs now but cannot be opened yet;
+`oss`, `s3` and `localdisk` are refused with "not supported yet".
+
+Credentials (`auth`, `registry_token`, mirror headers) are Secrets: no repr, str, log line or
+`RafsConfig.redacted()` copy shows them.
 
 Caches: `blobcache` (nydusd's alias `filecache` too) keeps decompressed chunks in
 `config.work_dir`; `""`, `dummycache` and `none` mean no cache. `fscache` serves EROFS over the
@@ -15,38 +28,63 @@ host kernel's fscache, which has no meaning for virtio-fs, and is refused.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
+import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-DEFAULT_AMPLIFY_IO: Final = 1 << 20
-MAX_MERGING_SIZE: Final = 0x10000000
+from vhostfs.storage.backend_config import (
+    BACKEND_PARSERS,
+    BackendConfig,
+    Header,
+    HttpProxyConfig,
+    LocalFsConfig,
+    MirrorConfig,
+    ProxyConfig,
+    RegistryConfig,
+)
+from vhostfs.storage.config_fields import ConfigError, JsonObject, UnsupportedConfigError
+from vhostfs.storage.defaults import (
+    DEFAULT_AMPLIFY_IO,
+    DEFAULT_MERGING_SIZE,
+    DEFAULT_PREFETCH_CONCURRENCY,
+    MAX_MERGING_SIZE,
+    MAX_PREFETCH_CONCURRENCY,
+)
+from vhostfs.storage.secret import Secret
+
+# Defined beside the parts they describe; importable from here, the config's front door.
+__all__ = [
+    "BackendConfig",
+    "CacheConfig",
+    "ConfigError",
+    "Header",
+    "HttpProxyConfig",
+    "LocalFsConfig",
+    "MirrorConfig",
+    "PrefetchConfig",
+    "ProxyConfig",
+    "RafsConfig",
+    "RegistryConfig",
+    "UnsupportedConfigError",
+    "config_from_json",
+    "parse_config",
+]
+
+log = logging.getLogger(__name__)
 
 _NO_CACHE: Final = ("", "dummycache", "none")
 _BLOBCACHE: Final = ("blobcache", "filecache")
-_LATER_BACKENDS: Final = ("registry", "oss", "s3", "localdisk", "http-proxy")
+_REFUSED_BACKENDS: Final = ("oss", "s3", "localdisk")
+# Parsed so that a mount can name them, but nothing behind them yet.
+_NOT_COLLECTED: Final = ("iostats_files", "access_pattern", "latest_read_files")
 
 
-class ConfigError(ValueError):
-    """The config cannot be used; the message starts with the offending key path."""
-
-
-class UnsupportedConfigError(ConfigError):
-    """Well-formed, but asks for something vhostfs does not do (yet)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LocalFsConfig:
-    """Where blob files are: see vhostfs.storage.localfs for the lookup order."""
-
-    dir: str | None = None
-    alt_dirs: tuple[str, ...] = ()
-    blob_file: str | None = None
-    # From the CLI's repeatable `--blob FILE`: the files of the image's blobs, in blob-table
-    # (device-table) order, for images whose device slots carry no blob id.
-    blob_files: tuple[str, ...] = ()
+# --- Cache, prefetch, the whole config ----------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,21 +96,20 @@ class CacheConfig:
 @dataclass(frozen=True, slots=True)
 class PrefetchConfig:
     enable: bool = False
-    threads_count: int = 8
-    merging_size: int = 1 << 20
+    # nydusd's name; here it bounds the prefetch batches in flight, not threads.
+    threads_count: int = DEFAULT_PREFETCH_CONCURRENCY
+    merging_size: int = DEFAULT_MERGING_SIZE
     bandwidth_rate: int = 0  # bytes per second, 0: unlimited
     prefetch_all: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class RafsConfig:
-    backend: LocalFsConfig
+    backend: BackendConfig
     cache: CacheConfig | None  # None: no chunk cache, every read fetches
     mode: Literal["direct", "cached"] = "direct"
     digest_validate: bool = False
-    iostats_files: bool = False
     enable_xattr: bool = False
-    access_pattern: bool = False
     amplify_io: int = DEFAULT_AMPLIFY_IO
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
 
@@ -100,6 +137,32 @@ class RafsConfig:
             prefetch=prefetch or PrefetchConfig(),
         )
 
+    def redacted(self) -> dict[str, Any]:
+        """A JSON-ready copy with every credential blanked, fit for logs and the API."""
+        document = _redacted(self)
+        assert isinstance(document, dict)
+        document["backend"] = {"type": self.backend.kind, "config": document["backend"]}
+        return document
+
+    def to_json(self) -> str:
+        """redacted() as JSON text: the only form in which a config leaves the process."""
+        return json.dumps(self.redacted(), sort_keys=True)
+
+
+def _redacted(value: object) -> object:
+    if isinstance(value, Secret):
+        return ""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _redacted(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_redacted(item) for item in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+# --- Parsing -----------------------------------------------------------------------------------
+
 
 def parse_config(text: str | bytes) -> RafsConfig:
     """A v1 JSON config, as Kata passes it in a mount request or nydusd reads from --config."""
@@ -111,7 +174,7 @@ def parse_config(text: str | bytes) -> RafsConfig:
 
 
 def config_from_json(document: object) -> RafsConfig:
-    root = _Object.of(document, "config")
+    root = JsonObject.of(document, "config")
     if root.has("version"):
         raise UnsupportedConfigError(
             f"{root.path('version')}: v2 configs are not supported yet, use the v1 JSON format"
@@ -120,42 +183,37 @@ def config_from_json(document: object) -> RafsConfig:
     mode = root.string("mode")
     if mode not in ("direct", "cached"):
         raise ConfigError(f'{root.path("mode")}: expected "direct" or "cached", got {mode!r}')
-    return RafsConfig(
+    config = RafsConfig(
         backend=_backend(device.section("backend")),
         cache=_cache(device.section("cache")) if device.has("cache") else None,
         mode="direct" if mode == "direct" else "cached",
         digest_validate=root.boolean("digest_validate", False),
-        iostats_files=root.boolean("iostats_files", False),
         enable_xattr=root.boolean("enable_xattr", False),
-        access_pattern=root.boolean("access_pattern", False),
         amplify_io=root.integer("amplify_io", DEFAULT_AMPLIFY_IO, 0, 1 << 31),
         prefetch=(
             _prefetch(root.section("fs_prefetch")) if root.has("fs_prefetch") else PrefetchConfig()
         ),
     )
+    # Checked after everything else parsed, so a config that is refused warns about nothing.
+    for key in _NOT_COLLECTED:
+        if root.boolean(key, False):
+            log.warning("%s: not collected yet, the setting has no effect", root.path(key))
+    return config
 
 
-def _backend(backend: _Object) -> LocalFsConfig:
+def _backend(backend: JsonObject) -> BackendConfig:
     kind = backend.string("type")
-    if kind in _LATER_BACKENDS:
+    if kind in _REFUSED_BACKENDS:
         raise UnsupportedConfigError(
             f"{backend.path('type')}: the {kind!r} backend is not supported yet (only localfs)"
         )
-    if kind != "localfs":
+    parse = BACKEND_PARSERS.get(kind)
+    if parse is None:
         raise ConfigError(f"{backend.path('type')}: unknown backend type {kind!r}")
-    config = backend.section("config")
-    dir_ = config.optional_string("dir")
-    blob_file = config.optional_string("blob_file")
-    if not dir_ and not blob_file:
-        raise ConfigError(f"{config.path('dir')}: localfs needs a dir or a blob_file")
-    return LocalFsConfig(
-        dir=dir_ or None,
-        alt_dirs=tuple(config.strings("alt_dirs")),
-        blob_file=blob_file or None,
-    )
+    return parse(backend.section("config"))
 
 
-def _cache(cache: _Object) -> CacheConfig | None:
+def _cache(cache: JsonObject) -> CacheConfig | None:
     kind = cache.string("type", "")
     if kind in _NO_CACHE:
         return None
@@ -166,98 +224,20 @@ def _cache(cache: _Object) -> CacheConfig | None:
         )
     if kind not in _BLOBCACHE:
         raise ConfigError(f"{cache.path('type')}: unknown cache type {kind!r}")
-    work_dir = cache.section("config").string("work_dir")
+    config = cache.section("config")
+    work_dir = config.string("work_dir")
     if not work_dir:
-        raise ConfigError(f"{cache.path('config')}.work_dir: must not be empty")
-    return CacheConfig(work_dir)
+        raise ConfigError(f"{config.path('work_dir')}: must not be empty")
+    return CacheConfig(work_dir, sync_data=config.boolean("sync_data", False))
 
 
-def _prefetch(prefetch: _Object) -> PrefetchConfig:
+def _prefetch(prefetch: JsonObject) -> PrefetchConfig:
     return PrefetchConfig(
         enable=prefetch.boolean("enable", False),
-        threads_count=prefetch.integer("threads_count", 8, 1, 1024),
-        merging_size=prefetch.integer("merging_size", 1 << 20, 1, MAX_MERGING_SIZE),
+        threads_count=prefetch.integer(
+            "threads_count", DEFAULT_PREFETCH_CONCURRENCY, 1, MAX_PREFETCH_CONCURRENCY
+        ),
+        merging_size=prefetch.integer("merging_size", DEFAULT_MERGING_SIZE, 1, MAX_MERGING_SIZE),
         bandwidth_rate=prefetch.integer("bandwidth_rate", 0, 0, 1 << 40),
         prefetch_all=prefetch.boolean("prefetch_all", False),
     )
-
-
-_REQUIRED: Final = object()
-
-
-class _Object:
-    """A JSON object and where it sits in the document, for error messages."""
-
-    def __init__(self, fields: Mapping[str, Any], where: str) -> None:
-        self._fields = fields
-        self._where = where
-
-    @classmethod
-    def of(cls, value: object, where: str) -> _Object:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected an object, got {_json_type(value)}")
-        return cls(value, where)
-
-    def path(self, key: str) -> str:
-        return key if self._where == "config" else f"{self._where}.{key}"
-
-    def has(self, key: str) -> bool:
-        return key in self._fields and self._fields[key] is not None
-
-    def _get(self, key: str, default: object) -> object:
-        if self.has(key):
-            return self._fields[key]
-        if default is _REQUIRED:
-            raise ConfigError(f"{self.path(key)}: required")
-        return default
-
-    def section(self, key: str) -> _Object:
-        return _Object.of(self._get(key, _REQUIRED), self.path(key))
-
-    def string(self, key: str, default: object = _REQUIRED) -> str:
-        value = self._get(key, default)
-        if not isinstance(value, str):
-            raise ConfigError(f"{self.path(key)}: expected a string, got {_json_type(value)}")
-        return value
-
-    def optional_string(self, key: str) -> str | None:
-        return self.string(key) if self.has(key) else None
-
-    def strings(self, key: str) -> list[str]:
-        value = self._get(key, [])
-        if not isinstance(value, list):
-            raise ConfigError(f"{self.path(key)}: expected a list of strings")
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                raise ConfigError(
-                    f"{self.path(key)}[{i}]: expected a string, got {_json_type(item)}"
-                )
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self._get(key, default)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{self.path(key)}: expected true or false, got {_json_type(value)}")
-        return value
-
-    def integer(self, key: str, default: int, low: int, high: int) -> int:
-        value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{self.path(key)}: expected an integer, got {_json_type(value)}")
-        if not low <= value <= high:
-            raise ConfigError(f"{self.path(key)}: {value} is outside {low}..{high}")
-        return value
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"

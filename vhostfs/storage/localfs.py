@@ -18,7 +18,9 @@ import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 
-from vhostfs.storage.backend import BackendCounters, BackendError, LocalFile
+from vhostfs.storage.backend import BackendError, LocalFile
+from vhostfs.storage.defaults import IO_THREADS
+from vhostfs.storage.fileio import pread_full
 
 _MAX_FILE_OFFSET = (1 << 63) - 1
 
@@ -34,7 +36,7 @@ class LocalFsBackend:
         blob_file: StrPath | None = None,
         files: Mapping[str, StrPath] | None = None,
         executor: Executor | None = None,
-        threads: int = 4,
+        threads: int = IO_THREADS,
     ) -> None:
         self._dirs = [os.fspath(d) for d in ([dir] if dir is not None else []) + list(alt_dirs)]
         self._blob_file = None if blob_file is None else os.fspath(blob_file)
@@ -43,7 +45,6 @@ class LocalFsBackend:
         self._executor = executor or ThreadPoolExecutor(threads, thread_name_prefix="localfs")
         self._open_lock = threading.Lock()  # the pool's threads open files concurrently
         self._open: dict[str, LocalFile] = {}
-        self.counters = BackendCounters()
 
     def path_of(self, blob_id: str) -> str:
         if blob_id in self._files:
@@ -74,45 +75,35 @@ class LocalFsBackend:
             return opened
 
     async def read(self, blob_id: str, offset: int, size: int) -> bytes:
-        self.counters.requests += 1
         loop = asyncio.get_running_loop()
-        try:
-            data = await loop.run_in_executor(self._executor, self._pread, blob_id, offset, size)
-        except BaseException:
-            self.counters.errors += 1
-            raise
-        self.counters.bytes += size
-        return data
+        return await loop.run_in_executor(self._executor, self._pread, blob_id, offset, size)
+
+    async def blob_size(self, blob_id: str) -> int:
+        loop = asyncio.get_running_loop()
+        opened = await loop.run_in_executor(self._executor, self.local_file, blob_id)
+        return opened.size
 
     def _pread(self, blob_id: str, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0 or offset + size > _MAX_FILE_OFFSET:
             raise BackendError(f"blob {blob_id}: {offset}+{size} is not a file range")
         blob = self.local_file(blob_id)
-        first = _pread_once(blob, blob_id, offset, size)
-        if len(first) == size:
-            return first
-        data = bytearray(first)
-        while len(data) < size:
-            piece = _pread_once(blob, blob_id, offset + len(data), size - len(data))
-            if not piece:
-                raise BackendError(
-                    f"blob {blob_id}: bytes {offset}..{offset + size} run past the end of "
-                    f"{self.path_of(blob_id)} ({os.fstat(blob.fd).st_size} bytes)"
-                )
-            data += piece
-        return bytes(data)
+        try:
+            data = pread_full(blob.fd, size, offset)
+        except OSError as e:
+            raise BackendError(
+                f"blob {blob_id}: bytes {offset}..{offset + size}: {e.strerror}"
+            ) from e
+        if len(data) < size:
+            raise BackendError(
+                f"blob {blob_id}: bytes {offset}..{offset + size} run past the end of the "
+                f"blob file {self.path_of(blob_id)} ({os.fstat(blob.fd).st_size} bytes)"
+            )
+        return data
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         if self._own_executor:
-            self._executor.shutdown(wait=True)
+            await asyncio.to_thread(self._executor.shutdown, wait=True)
         with self._open_lock:
             opened, self._open = self._open, {}
         for blob in opened.values():
             os.close(blob.fd)
-
-
-def _pread_once(blob: LocalFile, blob_id: str, offset: int, size: int) -> bytes:
-    try:
-        return os.pread(blob.fd, size, offset)
-    except OSError as e:
-        raise BackendError(f"blob {blob_id}: bytes {offset}..{offset + size}: {e.strerror}") from e

@@ -1,4 +1,4 @@
-"""In-memory counters for one mounted image, read out by the HTTP API.
+"""In-memory counters for one mounted image, which the daemon logs and reports.
 
 Everything is updated on the event loop thread, so plain integer attributes suffice: no locks,
 and an increment costs what an attribute store costs.
@@ -30,7 +30,7 @@ class LatencyHistogram:
 
 class Metrics:
     def __init__(self) -> None:
-        self.fops: Counter[str] = Counter()
+        self.fops: Counter[str] = Counter()  # by opcode name ("READ"...), merged in by the daemon
         self.read_bytes = 0  # file bytes handed out by reads
         self.cache_hits = 0  # chunks found ready in the cache (or local and uncached)
         self.cache_misses = 0  # chunks a read had to wait for
@@ -42,10 +42,6 @@ class Metrics:
         self.digest_failures = 0
         self.chunk_errors = 0  # chunks that failed to fetch, decode or verify (digest included)
         self.read_latency = LatencyHistogram()
-
-    def count_fop(self, name: str) -> None:
-        """One file-system operation, by opcode name (e.g. "READ", "LOOKUP")."""
-        self.fops[name] += 1
 
     def observe_read(self, size: int, elapsed_ns: int) -> None:
         self.read_bytes += size

@@ -10,7 +10,8 @@ prefetcher both want is fetched once.
 The guest always goes first: before each batch the prefetcher waits until no guest read is
 waiting for a fetch, and it yields to the event loop between batches. A token bucket holds the
 backend bytes it starts to `bandwidth_rate` per second (0: unlimited), with a burst of a tenth
-of a second's worth. At most `threads` batches are in flight at once.
+of a second's worth. At most `max_batches` batches are in flight at once (the config's
+`threads_count`: nydusd runs that many worker threads, here batches are coroutines).
 """
 
 from __future__ import annotations
@@ -19,16 +20,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Final
 
-from vhostfs.rafs.chunk import ChunkRef
-from vhostfs.storage.fetch import ImageStorage
+from vhostfs.storage.blob import ChunkRef
+from vhostfs.storage.defaults import DEFAULT_MERGING_SIZE, DEFAULT_PREFETCH_CONCURRENCY
+from vhostfs.storage.image_storage import ImageStorage
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MERGING_SIZE: Final = 1 << 20
 
 
 class TokenBucket:
@@ -38,21 +37,30 @@ class TokenBucket:
     the long-run rate holds whatever sizes they ask for.
     """
 
-    def __init__(self, rate: int, burst: int | None = None) -> None:
+    def __init__(
+        self,
+        rate: int,
+        burst: int | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.rate = rate
         self.burst = rate // 10 if burst is None else burst
+        self._clock = clock  # both replaceable, so tests can count tokens, not wall time
+        self._sleep = sleep
         self._tokens = float(self.burst)
-        self._last = time.monotonic()
+        self._last = clock()
 
     async def take(self, amount: int) -> None:
         if self.rate <= 0:
             return
-        now = time.monotonic()
+        now = self._clock()
         self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
         self._last = now
         self._tokens -= amount
         if self._tokens < 0:
-            await asyncio.sleep(-self._tokens / self.rate)
+            await self._sleep(-self._tokens / self.rate)
 
 
 @dataclass(slots=True)
@@ -81,12 +89,12 @@ class Prefetcher:
         *,
         bandwidth_rate: int = 0,
         merging_size: int = DEFAULT_MERGING_SIZE,
-        threads: int = 8,
+        max_batches: int = DEFAULT_PREFETCH_CONCURRENCY,
     ) -> None:
         self._storage = storage
         self._bucket = TokenBucket(bandwidth_rate)
         self._merging_size = max(merging_size, 1)
-        self._slots = asyncio.Semaphore(max(threads, 1))
+        self._slots = asyncio.Semaphore(max(max_batches, 1))
         self._task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self.stats = PrefetchStats()
@@ -114,6 +122,10 @@ class Prefetcher:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+    async def aclose(self) -> None:
+        """The same as stop(), under the name the other closable parts use."""
+        await self.stop()
 
     async def _run(self, refs: Iterable[ChunkRef]) -> None:
         try:

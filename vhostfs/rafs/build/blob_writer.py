@@ -30,7 +30,7 @@ from pathlib import Path
 from vhostfs.rafs import layout as L
 from vhostfs.rafs.build.compression import COMPRESSOR_CODE, compress
 from vhostfs.rafs.build.errors import BuildError
-from vhostfs.rafs.chunk import Compressor
+from vhostfs.storage.blob import Compressor
 
 BLOCK_SIZE = L.RAFS_V6_BLOCK_SIZE
 BLOB_FEATURES = (

@@ -38,7 +38,7 @@ from vhostfs.rafs.build.inodes import (
     xattr_icount,
 )
 from vhostfs.rafs.build.tree import Inode, Node, display
-from vhostfs.rafs.chunk import Compressor, Digester
+from vhostfs.storage.blob import Compressor, Digester
 
 BLOCK_SIZE = L.RAFS_V6_BLOCK_SIZE
 DEVICE_TABLE_OFFSET = L.RAFS_V6_SUPERBLOCKS_END

@@ -27,7 +27,7 @@ from vhostfs.rafs.build.errors import BuildError
 from vhostfs.rafs.build.progress import Progress
 from vhostfs.rafs.build.source import Spool, load_sources
 from vhostfs.rafs.build.tree import Node, display, number_inodes
-from vhostfs.rafs.chunk import Compressor, Digester
+from vhostfs.storage.blob import Compressor, Digester
 
 BOOTSTRAP_NAME = "bootstrap"
 DEFAULT_CHUNK_SIZE = 1 << 20

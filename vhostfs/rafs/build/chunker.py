@@ -23,7 +23,8 @@ from vhostfs.rafs.build.compression import compress
 from vhostfs.rafs.build.errors import BuildError
 from vhostfs.rafs.build.progress import Progress
 from vhostfs.rafs.build.tree import FileData
-from vhostfs.rafs.chunk import Compressor, Digester, digest_of
+from vhostfs.storage.blob import Compressor, Digester
+from vhostfs.storage.codec import digest_of
 
 _MAX_CHUNKS = L.MAX_CHUNKS_PER_BLOB
 _MAX_BLOCK_ADDRESS = 0xFFFF_FFFF  # chunk indexes hold a 32-bit block number

@@ -11,7 +11,7 @@ import threading
 import zstandard
 
 from vhostfs.rafs.build import lz4block
-from vhostfs.rafs.chunk import COMPRESSOR_BY_CODE, DIGESTER_BY_CODE, Compressor
+from vhostfs.storage.blob import COMPRESSOR_BY_CODE, DIGESTER_BY_CODE, Compressor
 
 COMPRESSOR_CODE = {compressor: code for code, compressor in COMPRESSOR_BY_CODE.items()}
 DIGESTER_CODE = {digester: code for code, digester in DIGESTER_BY_CODE.items()}

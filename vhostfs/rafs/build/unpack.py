@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vhostfs.rafs.base import InodeAttr, RafsImage
-from vhostfs.rafs.blob import BlobStore
+from vhostfs.rafs.file_data import read_file
+from vhostfs.storage.sync import SyncStorage
 
 READ_SIZE = 4 << 20
 # Errors that mean "this system or user cannot hold that", not "the unpack is broken".
@@ -37,7 +38,7 @@ class UnpackReport:
 
 def unpack_image(
     image: RafsImage,
-    store: BlobStore,
+    store: SyncStorage,
     output: str | os.PathLike[str],
     *,
     owners: bool | None = None,
@@ -74,7 +75,7 @@ class _Writer:
     def __init__(
         self,
         image: RafsImage,
-        store: BlobStore,
+        store: SyncStorage,
         set_owners: bool,
         on_file: Callable[[int], None] | None,
     ) -> None:
@@ -108,7 +109,7 @@ class _Writer:
         fd = os.open(target, flags, 0o600)
         try:
             for offset in range(0, size, READ_SIZE):
-                data = self._image.read_file(ino, offset, READ_SIZE, self._store)
+                data = read_file(self._image, self._store, ino, offset, READ_SIZE)
                 if data.count(0) == len(data):
                     continue  # leave a hole; ftruncate below gives the file its size
                 os.lseek(fd, offset, os.SEEK_SET)

@@ -11,10 +11,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from vhostfs.rafs.base import InodeAttr, RafsImage
-from vhostfs.rafs.blob import BlobInfo, BlobStore
 from vhostfs.rafs.blobmeta import ChunkInfoArray, read_chunk_digests, read_chunk_infos
-from vhostfs.rafs.chunk import IN_BOOTSTRAP, ZERO_FILL, ChunkRef
 from vhostfs.rafs.errors import RafsError, UnsupportedError
+from vhostfs.rafs.file_data import read_file
+from vhostfs.storage.blob import IN_BOOTSTRAP, ZERO_FILL, BlobInfo, ChunkRef
+from vhostfs.storage.errors import StorageError
+from vhostfs.storage.sync import SyncStorage
 
 
 class CheckFailed(Exception):
@@ -37,7 +39,7 @@ class _BlobMeta:
 
 
 def check_image(
-    image: RafsImage, store: BlobStore, on_file: Callable[[int], None] | None = None
+    image: RafsImage, store: SyncStorage, on_file: Callable[[int], None] | None = None
 ) -> CheckReport:
     """Read everything in the image; `on_file(size)` after each regular file."""
     report = CheckReport()
@@ -74,7 +76,7 @@ def _walk(image: RafsImage) -> Iterator[tuple[bytes, int, InodeAttr]]:
 
 
 class _Checker:
-    def __init__(self, image: RafsImage, store: BlobStore, report: CheckReport) -> None:
+    def __init__(self, image: RafsImage, store: SyncStorage, report: CheckReport) -> None:
         self._image = image
         self._store = store
         self._report = report
@@ -98,9 +100,9 @@ class _Checker:
             where = f"{name}: chunk {number} (file bytes {ref.file_offset}..{ref.file_end})"
             end = min(ref.file_end, size)
             try:
-                data = self._image.read_file(ino, position, end - position, self._store)
+                data = read_file(self._image, self._store, ino, position, end - position)
                 self._check_blob_meta(ref)
-            except RafsError as e:
+            except (RafsError, StorageError) as e:
                 raise CheckFailed(f"{where}: {e}") from None
             except CheckFailed as e:
                 raise CheckFailed(f"{where}: {e}") from None

@@ -14,8 +14,9 @@ import blake3
 import pytest
 import zstandard
 
-from vhostfs.rafs import BlobError, ChunkDigestError, Compressor, Digester
-from vhostfs.rafs.chunk import decompress, digest_of, verify_digest
+from vhostfs.storage.blob import Compressor, Digester
+from vhostfs.storage.codec import decompress, digest_of, verify_digest
+from vhostfs.storage.errors import ChunkDecodeError, ChunkDigestError
 
 DATA = b"the quick brown fox " * 500 + os.urandom(3000)
 
@@ -44,14 +45,14 @@ def test_round_trip(compressor: Compressor) -> None:
 @pytest.mark.parametrize("delta", [-1, 1])
 def test_size_must_be_exact(compressor: Compressor, delta: int) -> None:
     stored = ENCODERS[compressor](DATA)
-    with pytest.raises(BlobError, match="blob x chunk 3"):
+    with pytest.raises(ChunkDecodeError, match="blob x chunk 3"):
         decompress(compressor, stored, len(DATA) + delta, "blob x chunk 3")
 
 
 @pytest.mark.parametrize("compressor", [Compressor.LZ4_BLOCK, Compressor.ZSTD, Compressor.GZIP])
 def test_garbage_is_a_blob_error(compressor: Compressor) -> None:
     for stored in (b"", b"\x00" * 10, os.urandom(100), ENCODERS[compressor](DATA)[:-7]):
-        with pytest.raises(BlobError):
+        with pytest.raises(ChunkDecodeError):
             decompress(compressor, stored, len(DATA), "chunk")
 
 
@@ -63,7 +64,7 @@ def test_bombs_are_stopped_at_the_promised_size(compressor: Compressor) -> None:
     del zeros
     tracemalloc.start()
     try:
-        with pytest.raises(BlobError):
+        with pytest.raises(ChunkDecodeError):
             decompress(compressor, stored, 4096, "chunk")
         _, peak = tracemalloc.get_traced_memory()
     finally:

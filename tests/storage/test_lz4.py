@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vhostfs.rafs.lz4 import decompress_block
+from vhostfs.storage.codec import decompress_lz4_block
 
 LEGACY_MAGIC = 0x184C2102
 
@@ -45,11 +45,11 @@ def lz4_cli_block(data: bytes, level: str) -> bytes:
 )
 def test_decodes_lz4_tool_output(data: bytes, level: str) -> None:
     block = lz4_cli_block(data, level)
-    assert decompress_block(block, len(data)) == data
+    assert decompress_lz4_block(block, len(data)) == data
     with pytest.raises(ValueError, match="more bytes than expected"):
-        decompress_block(block, len(data) - 1)
+        decompress_lz4_block(block, len(data) - 1)
     with pytest.raises(ValueError, match=f"decodes to {len(data)} bytes"):
-        decompress_block(block, len(data) + 1)
+        decompress_lz4_block(block, len(data) + 1)
 
 
 @dataclass(frozen=True)
@@ -108,14 +108,14 @@ def valid_blocks(draw: st.DrawFn) -> list[Lz4Sequence]:
 @given(valid_blocks())
 def test_hand_built_sequences_decode_as_specified(sequences: list[Lz4Sequence]) -> None:
     expected = expand(sequences)
-    assert decompress_block(encode(sequences), len(expected)) == expected
+    assert decompress_lz4_block(encode(sequences), len(expected)) == expected
 
 
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=2000), st.integers(0, 5000))
 def test_arbitrary_input_never_overruns(block: bytes, size: int) -> None:
     try:
-        data = decompress_block(block, size)
+        data = decompress_lz4_block(block, size)
     except ValueError:
         return
     assert len(data) == size
@@ -132,7 +132,7 @@ def test_damaged_valid_blocks_fail_cleanly(
     block[position] ^= data.draw(st.integers(1, 255))
     cut = data.draw(st.integers(0, len(block)))
     try:
-        out = decompress_block(bytes(block[:cut]), len(expected))
+        out = decompress_lz4_block(bytes(block[:cut]), len(expected))
     except ValueError:
         return
     assert len(out) == len(expected)
@@ -154,11 +154,11 @@ def test_damaged_valid_blocks_fail_cleanly(
 )
 def test_malformed_blocks(block: bytes, size: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        decompress_block(block, size)
+        decompress_lz4_block(block, size)
 
 
 def test_overlapping_matches_repeat_a_pattern() -> None:
     # "ab", then a 30-byte match at offset 2, then an empty last sequence.
     block = b"\x2f" + b"ab" + b"\x02\x00" + bytes([30 - 19]) + b"\x00"
-    assert decompress_block(block, 32) == b"ab" * 16
-    assert decompress_block(b"\x00", 0) == b""
+    assert decompress_lz4_block(block, 32) == b"ab" * 16
+    assert decompress_lz4_block(b"\x00", 0) == b""

@@ -1,0 +1,65 @@
+"""Opening the backend a config names: one factory per backend type.
+
+The config's backend is a tagged union (vhostfs.storage.config.BackendConfig); the factory
+registered under its `kind` builds it. Registry and http-proxy configs parse already, so a mount
+request that names them is checked in full, but their factories refuse until those backends
+exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Final
+
+from vhostfs.storage.backend import BlobBackend
+from vhostfs.storage.backend_config import (
+    BackendConfig,
+    HttpProxyConfig,
+    LocalFsConfig,
+    RegistryConfig,
+)
+from vhostfs.storage.config_fields import ConfigError, UnsupportedConfigError
+from vhostfs.storage.localfs import LocalFsBackend
+
+# (the backend's config, the name of each blob of the image in table order, the I/O pool)
+BackendFactory = Callable[[BackendConfig, Sequence[str], Executor], BlobBackend]
+
+
+def open_backend(
+    config: BackendConfig, blob_names: Sequence[str], executor: Executor
+) -> BlobBackend:
+    """The backend for an image whose blobs have these names. ConfigError if it cannot be."""
+    return BACKEND_FACTORIES[config.kind](config, blob_names, executor)
+
+
+def _localfs(config: BackendConfig, blob_names: Sequence[str], executor: Executor) -> BlobBackend:
+    assert isinstance(config, LocalFsConfig)
+    if len(config.blob_files) > len(blob_names):
+        raise ConfigError(
+            f"--blob: {len(config.blob_files)} files given, but the image has "
+            f"{len(blob_names)} blobs"
+        )
+    return LocalFsBackend(
+        dir=config.dir,
+        alt_dirs=config.alt_dirs,
+        blob_file=config.blob_file,
+        files=dict(zip(blob_names, config.blob_files, strict=False)),
+        executor=executor,
+    )
+
+
+def _not_yet(kind: str) -> BackendFactory:
+    def refuse(config: BackendConfig, blob_names: Sequence[str], executor: Executor) -> BlobBackend:
+        raise UnsupportedConfigError(
+            f"device.backend.type: the {kind!r} backend is not supported yet (only localfs)"
+        )
+
+    return refuse
+
+
+BACKEND_FACTORIES: Final[dict[str, BackendFactory]] = {
+    LocalFsConfig.kind: _localfs,
+    RegistryConfig.kind: _not_yet(RegistryConfig.kind),
+    HttpProxyConfig.kind: _not_yet(HttpProxyConfig.kind),
+}
