@@ -52,6 +52,7 @@ class Virtqueue:
         # copies while we decode the next requests; process() finishes them before it returns.
         self.offload = False  # set when the ring starts
         self._offloaded: list[_Slot] = []
+        self.read_result = ffi.new("int64_t *")  # vq_reply_preadv's bytes read or -errno
 
     # Configuration (vhost-user messages) ------------------------------------------------------
 
@@ -330,12 +331,15 @@ class ChainRequest:
             self._done = True
             q._offloaded.append(self._slot)
             return
-        got = _vq_reply_preadv(q.ring, self._chain, fd, pos, size, unique, q.notify_now, q.call_arg)
-        if got < 0 and got > _RING_ERROR_ABOVE:
-            raise OSError(-got, os.strerror(-got))
+        got = q.read_result
+        err = _vq_reply_preadv(
+            q.ring, self._chain, fd, pos, size, unique, q.notify_now, q.call_arg, got
+        )
+        if err == _READ_FAILED:
+            raise OSError(-got[0], os.strerror(-got[0]))
         self._done = True
         q._spare_chains.append(self._slot)
-        q.finished(got - lib.VQ_REPLY_RING_ERROR if got < 0 else 0)
+        q.finished(err)
 
 
 _vq_reply: Final = lib.vq_reply
@@ -355,6 +359,4 @@ def _offload_available() -> bool:
         _offload_ready = len(os.sched_getaffinity(0)) > 1 and lib.vq_offload_start() == 0
     return _offload_ready
 
-
-# vq_reply_preadv results at or below this are ring-level failures, above it (and < 0) -errno.
-_RING_ERROR_ABOVE: Final = lib.VQ_REPLY_RING_ERROR + 1000
+_READ_FAILED: Final = lib.VQ_REPLY_READ_FAILED
