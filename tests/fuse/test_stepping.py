@@ -136,23 +136,6 @@ def test_cancelled_request_is_answered_eintr(run: Callable[..., None]) -> None:
     run(main())
 
 
-def test_cancel_answers_eintr_and_drains(run: Callable[..., None]) -> None:
-    async def main() -> None:
-        fs = SlowFs()
-        fs.gate = asyncio.get_running_loop().create_future()
-        d = Dispatcher(fs)
-        fc.handshake(d.handle)
-        first = fc.exchange(d.handle, fc.getattr_(2))
-        second = fc.exchange(d.handle, fc.getattr_(2))
-        assert not first.completed and not second.completed
-        d.cancel()
-        await asyncio.wait_for(d.drain(), 5)
-        assert first.error == errno.EINTR and second.error == errno.EINTR
-        assert d.inflight() == 0
-
-    run(main())
-
-
 def test_suspending_forget_completes_with_no_reply(run: Callable[..., None]) -> None:
     async def main() -> None:
         fs = SlowFs()
