@@ -175,12 +175,7 @@ class Dispatcher:
         if args_len < 0:
             return opcode, unique, errno.EINVAL
         if spec is None:
-            if opcode == _INIT:
-                init_args = self._read_args(req, min(args_len, _MAX_ARGS))
-                return opcode, unique, errno.EINVAL if init_args is None else self._init(init_args)
-            if opcode == _DESTROY:
-                return opcode, unique, self._destroy()
-            return opcode, unique, errno.ENOSYS
+            return opcode, unique, self._decode_session(req, opcode, args_len)
         payload_len = 0
         if opcode == _WRITE:
             payload_len = max(0, args_len - abi.WRITE_IN.size)
@@ -205,6 +200,16 @@ class Dispatcher:
             ctx = self._context(uid, gid, pid)
         call = Call(req, node, ctx, args, payload_len, room, conn.max_write)
         return opcode, unique, spec.handler(self._ops, call)
+
+    def _decode_session(self, req: GuestRequest, opcode: int, args_len: int) -> _Work | int:
+        """INIT and DESTROY, which the dispatcher serves itself; other opcodes without a spec
+        are ENOSYS."""
+        if opcode == _INIT:
+            init_args = self._read_args(req, min(args_len, _MAX_ARGS))
+            return errno.EINVAL if init_args is None else self._init(init_args)
+        if opcode == _DESTROY:
+            return self._destroy()
+        return errno.ENOSYS
 
     def _context(self, uid: int, gid: int, pid: int) -> RequestContext:
         if len(self._contexts) >= _CONTEXTS_KEPT:
