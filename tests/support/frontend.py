@@ -341,7 +341,8 @@ class InProcessFrontend(Frontend):
     every Frontend method works unchanged; a ProtocolError (the daemon would hang up) reaches the
     caller. fds are duplicated as SCM_RIGHTS would, the Backend owning its copies. Starting a
     ring watches its kick fd, so run inside an event loop; a ring's process() runs right inside
-    the message that enables or starts it."""
+    the message that enables or starts it, and inside kick(), so request() returns the reply of
+    a handler that does not suspend without the loop having to run."""
 
     def __init__(
         self,
@@ -390,6 +391,9 @@ class InProcessFrontend(Frontend):
         reply = self.backend.handle(message)
         if reply is not None:
             self._replies += reply
+
+    def kick(self, queue: int) -> None:
+        self.backend.queues[queue].process()  # what the kick fd's reader does
 
     def _recv_exact(self, n: int) -> bytes:
         if len(self._replies) < n:

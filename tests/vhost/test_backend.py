@@ -19,6 +19,8 @@ import pytest
 from tests.support import fuse_client as fc
 from tests.support.frontend import Daemon, DaemonGone, Frontend, InProcessFrontend, running_daemon
 from tests.support.guest import DriverRing, GuestMemory
+from vhostfs.fs.passthrough import Passthrough
+from vhostfs.fuse.dispatch import Dispatcher
 from vhostfs.vhost import protocol as p
 from vhostfs.vhost.backend import Backend
 from vhostfs.vhost.codec import Message, ProtocolError
@@ -58,6 +60,14 @@ def daemon(share: Path, tmp_path: Path) -> Iterator[Daemon]:
 def mem() -> Iterator[GuestMemory]:
     with GuestMemory(((0, 1 << 20), (1 << 20, 1 << 20))) as m:
         yield m
+
+
+@pytest.fixture
+def serving(share: Path) -> Iterator[Backend]:
+    """A Backend whose rings feed a FUSE session over a passthrough of share, as the daemon's."""
+    fs = Passthrough(share)
+    yield Backend(Dispatcher(fs).handle)
+    fs.close()
 
 
 def _never_called(req: ChainRequest) -> None:
@@ -150,8 +160,8 @@ def test_cloud_hypervisor_sequence(reconnect: bool, daemon: Daemon, mem: GuestMe
     fe = Frontend(daemon.socket_path, mem)
     fe.init_cloud_hypervisor(ask_protocol_features=not reconnect)
     fe.start_cloud_hypervisor()
-    assert error_of(fe.request(1, fuse_init(), 80)) == 0
-    assert error_of(fe.request(1, getattr_root(2), 16 + 104)) == 0
+    assert error_of(fe.request(1, fuse_init(), INIT_REPLY)) == 0
+    assert error_of(fe.request(1, getattr_root(2), GETATTR_REPLY)) == 0
     fe.close()
 
 
@@ -202,42 +212,52 @@ def test_ring_outside_memory_is_refused(mem: GuestMemory) -> None:
     asyncio.run(main())
 
 
-def test_regions_change_while_rings_run(daemon: Daemon, mem: GuestMemory) -> None:
+def test_regions_change_while_rings_run(serving: Backend, mem: GuestMemory) -> None:
     """Like the BIOS's PAM churn on QEMU: a region goes away and comes back mid-run."""
-    fe = Frontend(daemon.socket_path, mem)
-    fe.init()
-    fe.start()
-    assert error_of(fe.request(1, fuse_init(), 80)) == 0
-    spare = GuestMemory(((8 << 20, 1 << 20),))
-    r = spare.regions[0]
-    fe.set_ok(p.Request.ADD_MEM_REG, p.SINGLE_MEM_REGION.pack(0, r.gpa, r.size, r.uva, 0), [r.fd])
-    assert error_of(fe.request(1, getattr_root(2), 16 + 104)) == 0
-    fe.set_ok(p.Request.REM_MEM_REG, p.SINGLE_MEM_REGION.pack(0, r.gpa, r.size, r.uva, 0))
-    assert fe.set(p.Request.REM_MEM_REG, p.SINGLE_MEM_REGION.pack(0, r.gpa, r.size, r.uva, 0)) == 1
-    assert error_of(fe.request(1, getattr_root(3), 16 + 104)) == 0
-    spare.close()
-    fe.close()
+
+    async def main() -> None:
+        fe = InProcessFrontend(serving, mem)
+        fe.init()
+        fe.start()
+        assert error_of(fe.request(1, fuse_init(), INIT_REPLY)) == 0
+        spare = GuestMemory(((8 << 20, 1 << 20),))
+        r = spare.regions[0]
+        region = p.SINGLE_MEM_REGION.pack(0, r.gpa, r.size, r.uva, 0)
+        fe.set_ok(p.Request.ADD_MEM_REG, region, [r.fd])
+        assert len(fe.backend.memory.regions) == 3
+        assert error_of(fe.request(1, getattr_root(2), GETATTR_REPLY)) == 0
+        fe.set_ok(p.Request.REM_MEM_REG, region)
+        assert fe.set(p.Request.REM_MEM_REG, region) == 1
+        assert len(fe.backend.memory.regions) == 2
+        assert error_of(fe.request(1, getattr_root(3), GETATTR_REPLY)) == 0
+        fe.close()
+        spare.close()
+
+    asyncio.run(main())
 
 
 # Lifecycle -----------------------------------------------------------------------------------
 
 
 def test_guest_reboot_is_stop_then_start_and_init_resets_the_session(
-    daemon: Daemon, mem: GuestMemory
+    serving: Backend, mem: GuestMemory
 ) -> None:
-    fe = Frontend(daemon.socket_path, mem)
-    fe.init()
-    fe.start()
-    assert error_of(fe.request(1, fuse_init(), 80)) == 0
-    assert error_of(fe.request(1, getattr_root(2), 16 + 104)) == 0
-    bases = fe.stop()
-    assert bases == [0, 2]
-    # The rebooted guest's driver starts from fresh rings.
-    fe.rings = [type(ring)(mem, fe.queue_size) for ring in fe.rings]
-    fe.start(base=0)
-    assert error_of(fe.request(1, fuse_init(7), 80)) == 0
-    assert error_of(fe.request(1, getattr_root(8), 16 + 104)) == 0
-    fe.close()
+    async def main() -> None:
+        fe = InProcessFrontend(serving, mem)
+        fe.init()
+        fe.start()
+        assert error_of(fe.request(1, fuse_init(), INIT_REPLY)) == 0
+        assert error_of(fe.request(1, getattr_root(2), GETATTR_REPLY)) == 0
+        bases = fe.stop()
+        assert bases == [0, 2]
+        # The rebooted guest's driver starts from fresh rings.
+        fe.rings = [type(ring)(mem, fe.queue_size) for ring in fe.rings]
+        fe.start(base=0)
+        assert error_of(fe.request(1, fuse_init(7), INIT_REPLY)) == 0
+        assert error_of(fe.request(1, getattr_root(8), GETATTR_REPLY)) == 0
+        fe.close()
+
+    asyncio.run(main())
 
 
 def test_requests_before_the_ring_is_enabled_wait(mem: GuestMemory) -> None:
@@ -300,7 +320,7 @@ def test_inherited_listening_socket(share: Path, tmp_path: Path, mem: GuestMemor
         fe = Frontend(path, mem)
         fe.init()
         fe.start()
-        assert error_of(fe.request(1, fuse_init(), 80)) == 0
+        assert error_of(fe.request(1, fuse_init(), INIT_REPLY)) == 0
         fe.close()
         assert process.wait(10) == 0
     finally:
