@@ -45,6 +45,8 @@ struct vq_region {
     uint64_t hva;
 };
 
+/* Python owns the table: it writes every field, between calls, whenever guest memory changes;
+ * C only reads it. */
 struct vq_memory {
     uint32_t nregions;
     struct vq_region regions[VQ_MAX_REGIONS];
@@ -76,7 +78,8 @@ struct vq_ring {
     uint32_t inflight;            /* [py] chains popped but not yet pushed */
 };
 
-/* A popped descriptor chain: iov[0..nread) readable, iov[nread..nread+nwrite) writable. */
+/* A popped descriptor chain: iov[0..nread) readable, iov[nread..nread+nwrite) writable.
+ * vq_pop fills it; Python only reads it, and hands it back to vq_reply* / vq_offload_read. */
 struct vq_chain {
     uint16_t head;
     uint16_t nread;
