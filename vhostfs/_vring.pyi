@@ -76,6 +76,12 @@ class CBuffer:
     def __getitem__(self, index: slice) -> bytes: ...
     def __setitem__(self, index: slice, value: Buffer) -> None: ...
 
+class CType:
+    """ffi.typeof(): a C type; `fields` (name, field) is there for structs."""
+
+    cname: str
+    fields: list[tuple[str, Any]]
+
 class FFI:
     NULL: Any  # cffi's one null pointer: it converts to every pointer type
     @overload
@@ -97,6 +103,7 @@ class FFI:
     def cast(self, cdecl: str, value: CData | int) -> CData: ...
     def string(self, cdata: CData, maxlen: int = ...) -> bytes: ...
     def release(self, cdata: CData) -> None: ...
+    def typeof(self, cdecl: str | CData) -> CType: ...
 
 _Bytes = bytes | CData  # a `const void *` / `const uint8_t *` argument
 
