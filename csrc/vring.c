@@ -118,6 +118,7 @@ const char *vq_strerror(int err)
     case VQ_ERR_INUSE: return "more chains in flight than the queue size";
     case VQ_ERR_USED_HEAD: return "used head out of range or nothing in flight";
     case VQ_REPLY_TOO_LONG: return "reply larger than the writable part of the chain";
+    case VQ_REPLY_READ_FAILED: return "reading the reply data from its file failed";
     default: return "unknown vring error";
     }
 }
@@ -221,6 +222,11 @@ int vq_ring_map(struct vq_ring *ring, const struct vq_memory *mem, uint64_t desc
     ring->signalled_used_valid = 0;
     ring->inflight = 0;
     return 0;
+}
+
+void vq_ring_unmap(struct vq_ring *ring)
+{
+    ring->desc = ring->avail = ring->used = NULL;
 }
 
 /* ---- popping a chain ---- */
@@ -447,30 +453,32 @@ struct out_header {
 };
 _Static_assert(sizeof(struct out_header) == 16, "fuse_out_header is 16 bytes");
 
-int64_t vq_reply_preadv(struct vq_ring *ring, const struct vq_chain *chain, int fd, int64_t pos,
-                        uint32_t size, uint64_t unique, int notify, int call_fd)
+int vq_reply_preadv(struct vq_ring *ring, const struct vq_chain *chain, int fd, int64_t pos,
+                    uint32_t size, uint64_t unique, int notify, int call_fd, int64_t *read_result)
 {
     const struct vq_iov *writable = chain->iov + chain->nread;
     struct out_header header = {0, 0, unique};
 
+    if (read_result)
+        *read_result = 0;
     if (chain->write_len < sizeof header)
-        return VQ_REPLY_RING_ERROR + VQ_REPLY_TOO_LONG;
+        return VQ_REPLY_TOO_LONG;
     if (size > chain->write_len - sizeof header)
         size = chain->write_len - (uint32_t)sizeof header;
     int64_t got = 0;
     if (size > 0) {
         got = vq_iov_preadv(fd, writable, chain->nwrite, sizeof header, size, pos);
+        if (read_result)
+            *read_result = got;
         if (got < 0)
-            return got;
+            return VQ_REPLY_READ_FAILED;
     }
     header.len = (uint32_t)(sizeof header + (uint64_t)got);
     vq_iov_write(writable, chain->nwrite, 0, &header, sizeof header);
     int rc = vq_push(ring, chain->head, header.len);
-    if (rc < 0)
-        return VQ_REPLY_RING_ERROR + rc;
-    if (notify)
-        vq_notify(ring, call_fd);
-    return got;
+    if (rc < 0 || !notify)
+        return rc;
+    return vq_notify(ring, call_fd);
 }
 
 /* ---- offloaded READ replies ---- */

@@ -35,7 +35,7 @@
 #define VQ_ERR_INUSE -13          /* more chains in flight than the queue size */
 #define VQ_ERR_USED_HEAD -14      /* vq_push of a head that is not in flight range */
 #define VQ_REPLY_TOO_LONG -15     /* vq_reply*: the reply does not fit the writable part */
-#define VQ_REPLY_RING_ERROR -100000 /* vq_reply_preadv: added to a ring-level failure code */
+#define VQ_REPLY_READ_FAILED -16  /* vq_reply_preadv: the file read failed (errno apart) */
 
 /* One guest RAM region, sorted by gpa in vq_memory. hva is where gpa is mapped in this process. */
 struct vq_region {
@@ -45,6 +45,8 @@ struct vq_region {
     uint64_t hva;
 };
 
+/* Python owns the table: it writes every field, between calls, whenever guest memory changes;
+ * C only reads it. */
 struct vq_memory {
     uint32_t nregions;
     struct vq_region regions[VQ_MAX_REGIONS];
@@ -56,21 +58,28 @@ struct vq_iov {
     size_t len;
 };
 
-/* One split ring. Python allocates it and sets num/features; C owns the rest. */
+/* One split ring. Python allocates it and may write exactly these fields, each marked [py]:
+ *   num, features  front-end settings (SET_VRING_NUM, SET_FEATURES), read by vq_ring_map;
+ *   last_avail     SET_VRING_BASE, and 0 on a device reset, while the ring is stopped;
+ *   inflight       only to carry the count across a vq_ring_map (which starts from an idle
+ *                  ring) when guest memory changes under a running ring.
+ * Everything else, the host pointers included, is C's: vq_ring_map sets them and vq_ring_unmap
+ * (or a failed vq_ring_map) clears them. */
 struct vq_ring {
-    uint32_t num;                 /* queue size, power of two */
-    uint32_t features;            /* VQ_F_* */
+    uint32_t num;                 /* [py] queue size, power of two */
+    uint32_t features;            /* [py] VQ_F_* */
     void *desc;                   /* host pointers, set by vq_ring_map */
     void *avail;
     void *used;
-    uint16_t last_avail;          /* next avail ring slot to take */
+    uint16_t last_avail;          /* [py] next avail ring slot to take */
     uint16_t used_idx;            /* shadow of used->idx */
     uint16_t signalled_used;      /* used_idx at the last interrupt (EVENT_IDX) */
     uint8_t signalled_used_valid;
-    uint32_t inflight;            /* chains popped but not yet pushed */
+    uint32_t inflight;            /* [py] chains popped but not yet pushed */
 };
 
-/* A popped descriptor chain: iov[0..nread) readable, iov[nread..nread+nwrite) writable. */
+/* A popped descriptor chain: iov[0..nread) readable, iov[nread..nread+nwrite) writable.
+ * vq_pop fills it; Python only reads it, and hands it back to vq_reply* / vq_offload_read. */
 struct vq_chain {
     uint16_t head;
     uint16_t nread;
@@ -99,6 +108,9 @@ void *vq_uva_to_hva(const struct vq_memory *mem, uint64_t uva, uint64_t len);
 int vq_ring_map(struct vq_ring *ring, const struct vq_memory *mem,
                 uint64_t desc_uva, uint64_t avail_uva, uint64_t used_uva);
 
+/* Forget the ring's host pointers (device reset): every call then sees VQ_ERR_NOT_READY. */
+void vq_ring_unmap(struct vq_ring *ring);
+
 /* Take the next available chain. Returns 1, 0 (empty) or VQ_ERR_*. */
 int vq_pop(struct vq_ring *ring, const struct vq_memory *mem, struct vq_chain *chain);
 
@@ -126,12 +138,14 @@ int vq_reply(struct vq_ring *ring, const struct vq_chain *chain, const void *dat
 
 /* A READ reply in one call: preadv up to size bytes of fd at pos into the writable part after
  * the 16-byte fuse_out_header, write that header (len = 16 + bytes read, error 0, unique),
- * push and maybe notify as vq_reply. On a read error nothing is written or pushed and -errno
- * is returned (the caller answers with an error); a short read at end of file is a success.
- * Returns bytes read (>= 0), -errno, or VQ_REPLY_RING_ERROR plus VQ_REPLY_TOO_LONG (the header
- * does not fit; nothing done) or plus a VQ_ERR_* from the push, so it cannot look like -errno. */
-int64_t vq_reply_preadv(struct vq_ring *ring, const struct vq_chain *chain, int fd, int64_t pos,
-                        uint32_t size, uint64_t unique, int notify, int call_fd);
+ * push and maybe notify as vq_reply. A short read at end of file is a success.
+ * File and ring outcomes travel apart, so neither can be mistaken for the other:
+ *   *read_result = bytes read (>= 0) or -errno of the failed read (NULL: not wanted);
+ *   return = as vq_reply: 0/1 (notified), VQ_REPLY_TOO_LONG (the header does not fit; nothing
+ *            done) or a VQ_ERR_* from the push; or VQ_REPLY_READ_FAILED when the read failed:
+ *            then nothing is written or pushed, and the caller answers with an error. */
+int vq_reply_preadv(struct vq_ring *ring, const struct vq_chain *chain, int fd, int64_t pos,
+                    uint32_t size, uint64_t unique, int notify, int call_fd, int64_t *read_result);
 
 /* vq_pop, and when the ring is empty, ask the guest to kick again (vq_set_kicks(ring, 1)) and
  * re-check, as a device loop does before it sleeps. Chains that arrived meanwhile are taken with

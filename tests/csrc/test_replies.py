@@ -112,7 +112,9 @@ class TestReplyPreadv:
         fd, data = datafile
         head = h.drv.add_chain([b"req"], [16] + [4096] * 32)
         assert h.pop() == 1
-        assert lib.vq_reply_preadv(h.ring, h.chain, fd, pos, size, 77, 1, -1) == expect
+        got = ffi.new("int64_t *")
+        assert lib.vq_reply_preadv(h.ring, h.chain, fd, pos, size, 77, 1, -1, got) == 0
+        assert got[0] == expect
         (length, error, unique), body = self.reply(h, head)
         assert (length, error, unique) == (16 + expect, 0, 77)
         assert body[:expect] == data[pos : pos + expect]
@@ -122,7 +124,9 @@ class TestReplyPreadv:
         fd, data = datafile
         head = h.drv.add_chain([b"req"], [10, 30])
         assert h.pop() == 1
-        assert lib.vq_reply_preadv(h.ring, h.chain, fd, 0, 1000, 5, 1, -1) == 24
+        got = ffi.new("int64_t *")
+        assert lib.vq_reply_preadv(h.ring, h.chain, fd, 0, 1000, 5, 1, -1, got) == 0
+        assert got[0] == 24
         (length, error, _), body = self.reply(h, head)
         assert (length, error) == (40, 0) and body == data[:24]
 
@@ -130,8 +134,11 @@ class TestReplyPreadv:
         h.drv.add_chain([b"req"], [16, 4096])
         assert h.pop() == 1
         r, w = os.pipe()
+        got = ffi.new("int64_t *")
         try:
-            assert lib.vq_reply_preadv(h.ring, h.chain, r, 0, 100, 5, 1, -1) == -29  # ESPIPE
+            status = lib.vq_reply_preadv(h.ring, h.chain, r, 0, 100, 5, 1, -1, got)
+            assert status == lib.VQ_REPLY_READ_FAILED
+            assert got[0] == -29  # ESPIPE
         finally:
             os.close(r)
             os.close(w)
@@ -140,9 +147,37 @@ class TestReplyPreadv:
     def test_no_room_for_the_header(self, h: Harness, datafile: tuple[int, bytes]) -> None:
         h.drv.add_chain([b"req"], [8])
         assert h.pop() == 1
-        got = lib.vq_reply_preadv(h.ring, h.chain, datafile[0], 0, 1, 5, 1, -1)
-        assert got == lib.VQ_REPLY_RING_ERROR + lib.VQ_REPLY_TOO_LONG
+        got = ffi.new("int64_t *", 99)
+        status = lib.vq_reply_preadv(h.ring, h.chain, datafile[0], 0, 1, 5, 1, -1, got)
+        assert status == lib.VQ_REPLY_TOO_LONG
+        assert got[0] == 0
         assert h.ring.inflight == 1
+
+    def test_a_push_failure_is_the_result_and_the_read_stays_apart(
+        self, h: Harness, datafile: tuple[int, bytes]
+    ) -> None:
+        h.drv.add_chain([b"req"], [16, 100])
+        assert h.pop() == 1
+        h.ring.inflight = 0  # as if the chain had been pushed already
+        got = ffi.new("int64_t *")
+        status = lib.vq_reply_preadv(h.ring, h.chain, datafile[0], 0, 100, 5, 1, -1, got)
+        assert status == lib.VQ_ERR_USED_HEAD
+        assert got[0] == 100
+        assert h.drv.used_idx == 0
+
+    def test_notifies_and_takes_no_result(
+        self, h: Harness, datafile: tuple[int, bytes], eventfd: int
+    ) -> None:
+        head = h.drv.add_chain([b"req"], [16, 100])
+        assert h.pop() == 1
+        fd = datafile[0]
+        assert lib.vq_reply_preadv(h.ring, h.chain, fd, 0, 50, 5, 1, eventfd, ffi.NULL) == 1
+        assert h.drv.used_entries() == [(head, 66)]
+        assert interrupts(eventfd) == 1
+
+    def test_strerror_knows_read_failed(self) -> None:
+        text = ffi.string(lib.vq_strerror(lib.VQ_REPLY_READ_FAILED))
+        assert text != b"unknown vring error"
 
 
 class TestPopOrArm:

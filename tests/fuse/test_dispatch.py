@@ -31,6 +31,7 @@ from vhostfs.fuse import (
     StatFs,
     WriteData,
 )
+from vhostfs.fuse.dispatch import FailureLog
 
 DIR = stat.S_IFDIR | 0o755
 REG = stat.S_IFREG | 0o644
@@ -371,7 +372,40 @@ def test_unexpected_exception_is_eio_and_logged(
     with caplog.at_level(logging.DEBUG, logger="vhostfs.fuse.dispatch"):
         assert fc.exchange(d.handle, fc.access(1, os.R_OK)).error == errno.EIO
     [record] = [r for r in caplog.records if r.name == "vhostfs.fuse.dispatch"]
-    assert record.exc_info is not None
+    assert record.levelno == logging.ERROR
+    assert record.getMessage() == f"opcode {fc.ACCESS} failed unexpectedly, answering EIO"
+    assert record.exc_info is not None and record.exc_info[0] is RuntimeError
+
+
+def test_unexpected_exceptions_are_rate_limited_and_counted(
+    d: Dispatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [1000.0]
+    d.failures = FailureLog(burst=2, interval=60.0, clock=lambda: now[0])
+
+    def fail_once() -> None:
+        assert fc.exchange(d.handle, fc.access(1, os.R_OK)).error == errno.EIO
+
+    def messages() -> list[tuple[int, str, bool]]:
+        return [
+            (r.levelno, r.getMessage(), r.exc_info is not None)
+            for r in caplog.records
+            if r.name == "vhostfs.fuse.dispatch"
+        ]
+
+    traceback = (logging.ERROR, f"opcode {fc.ACCESS} failed unexpectedly, answering EIO", True)
+    with caplog.at_level(logging.DEBUG, logger="vhostfs.fuse.dispatch"):
+        for _ in range(5):  # every one still answers EIO
+            fail_once()
+        assert messages() == [traceback, traceback]
+        now[0] += 59.0
+        fail_once()
+        assert messages() == [traceback, traceback]
+        now[0] += 1.0  # a new interval: the count of the four left out, then tracebacks again
+        fail_once()
+        fail_once()
+        count = (logging.ERROR, "4 more unexpected handler failures in 60 s were not logged", False)
+        assert messages() == [traceback, traceback, count, traceback, traceback]
 
 
 @pytest.mark.parametrize("bad", [0, -5, 4096, 100000])

@@ -4,6 +4,10 @@ It talks to the daemon over its real Unix socket, in the message order observed 
 (see the reference notes), with guest RAM in memfds (tests.support.guest) and real eventfds for
 kicks and calls. Tests use it for protocol cases and for chains no real guest driver would
 build; it is not a stand-in for the end-to-end tests with a real guest.
+
+`InProcessFrontend` plays the same sequences against a `Backend` in the test's own process:
+each message goes straight to the sans-I/O `Backend.handle`, the way h11's tests drive a
+`Connection`, so negotiation cases need no daemon and no socket.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 from tests.support.guest import DriverRing, GuestMemory
 from tests.support.vm import DaemonProcess, listening_daemon
 from vhostfs.vhost import protocol as p
+from vhostfs.vhost.backend import Backend
+from vhostfs.vhost.codec import Message
 
 # QEMU's vhost-user-fs acks what the guest acked plus PROTOCOL_FEATURES.
 GUEST_FEATURES = (
@@ -67,14 +73,19 @@ class Frontend:
         features: int = GUEST_FEATURES,
         reply_ack: bool = True,
     ) -> None:
+        self._configure(mem, queue_size, num_queues, features, reply_ack)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(socket_path))
+
+    def _configure(
+        self, mem: GuestMemory, queue_size: int, num_queues: int, features: int, reply_ack: bool
+    ) -> None:
         self.mem = mem
         self.queue_size = queue_size
         self.num_queues = num_queues
         self.features = features | p.VirtioFeature.PROTOCOL_FEATURES
         self.reply_ack = reply_ack
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(str(socket_path))
         self.rings = [DriverRing(mem, queue_size) for _ in range(num_queues)]
         self.kick_fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(num_queues)]
         self.call_fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(num_queues)]
@@ -82,6 +93,9 @@ class Frontend:
 
     def close(self) -> None:
         self.sock.close()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
         for fd in self.kick_fds + self.call_fds:
             os.close(fd)
 
@@ -318,3 +332,72 @@ class FastQueue:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{ring.outstanding()} chains did not come back")
         return got
+
+
+class InProcessFrontend(Frontend):
+    """Frontend's messages and sequences, handed to a Backend in this process.
+
+    Replies queue up as the bytes the socket would carry, and receive() reads them in order, so
+    every Frontend method works unchanged; a ProtocolError (the daemon would hang up) reaches the
+    caller. fds are duplicated as SCM_RIGHTS would, the Backend owning its copies. Starting a
+    ring watches its kick fd, so run inside an event loop; a ring's process() runs right inside
+    the message that enables or starts it, and inside kick(), so request() returns the reply of
+    a handler that does not suspend without the loop having to run."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        mem: GuestMemory,
+        *,
+        queue_size: int = 128,
+        num_queues: int = 2,
+        features: int = GUEST_FEATURES,
+        reply_ack: bool = True,
+    ) -> None:
+        self._configure(mem, queue_size, num_queues, features, reply_ack)
+        self.backend = backend
+        self._replies = bytearray()
+
+    def close(self) -> None:
+        self.backend.shutdown()
+        self._close_fds()
+
+    @property
+    def pending(self) -> bytes:
+        """Reply bytes sent back and not yet received."""
+        return bytes(self._replies)
+
+    def send(
+        self,
+        request: int,
+        payload: bytes = b"",
+        fds: Sequence[int] = (),
+        *,
+        need_reply: bool = False,
+        flags: int | None = None,
+    ) -> None:
+        if flags is None:
+            flags = p.VERSION | (p.FLAG_NEED_REPLY if need_reply else 0)
+        message = Message(request, flags, payload, [os.dup(fd) for fd in fds])
+        waiting = self.backend.before(message)
+        try:
+            waiting.send(None)
+        except StopIteration:
+            pass
+        else:  # it would wait for in-flight requests: a test drives that itself
+            waiting.close()
+            message.close_fds()
+            raise AssertionError(f"{message.name} would wait for in-flight requests")
+        reply = self.backend.handle(message)
+        if reply is not None:
+            self._replies += reply
+
+    def kick(self, queue: int) -> None:
+        self.backend.queues[queue].process()  # what the kick fd's reader does
+
+    def _recv_exact(self, n: int) -> bytes:
+        if len(self._replies) < n:
+            raise AssertionError(f"expected a {n}-byte reply, have {len(self._replies)} bytes")
+        data = bytes(self._replies[:n])
+        del self._replies[:n]
+        return data

@@ -4,7 +4,8 @@ Deliberately independent of vhostfs: the layouts below are written out again fro
 ABI, so a mistake in vhostfs.fuse.abi shows up as a test failure instead of cancelling out.
 Builders return the readable bytes of one request; parsers take reply payload bytes (after
 fuse_out_header). `BufferRequest` implements vhostfs.fuse.transport.GuestRequest over plain
-bytearrays; `exchange` runs one request through any `handle(req)` callable.
+bytearrays, its send_* methods built from write_reply/reply_from_file (which tests may spy on);
+`exchange` runs one request through any `handle(req)` callable.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from vhostfs.segments import FileSlice  # the transport's data type, not an ABI layout
 
 # Opcodes (include/uapi/linux/fuse.h).
 LOOKUP = 1
@@ -527,6 +530,31 @@ class BufferRequest:
         assert self.written is None, "completed twice"
         assert 0 <= written <= len(self.out), written
         self.written = written
+
+    def send_reply(self, data: bytes) -> None:
+        self.write_reply(0, data)
+        self.complete(len(data))
+
+    def send_file_reply(self, unique: int, fd: int, pos: int, size: int) -> None:
+        got = self.reply_from_file(OUT_HEADER_SIZE, fd, pos, size) if size > 0 else 0
+        self._send_header(unique, OUT_HEADER_SIZE + min(got, size))
+
+    def send_pieces(self, unique: int, pieces: Sequence[FileSlice | bytes]) -> None:
+        offset = OUT_HEADER_SIZE
+        for piece in pieces:
+            if isinstance(piece, FileSlice):
+                got = self.reply_from_file(offset, piece.fd, piece.pos, piece.size)
+                offset += got
+                if got < piece.size:
+                    break
+            else:
+                self.write_reply(offset, piece)
+                offset += len(piece)
+        self._send_header(unique, offset)
+
+    def _send_header(self, unique: int, total: int) -> None:
+        self.write_reply(0, struct.pack("<IiQ", total, 0, unique))
+        self.complete(total)
 
     @property
     def completed(self) -> bool:

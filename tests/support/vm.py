@@ -161,6 +161,18 @@ class DaemonProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def log_lines_once_there(self, text: str, timeout: float = 10.0) -> list[str]:
+        """The log lines holding text, as soon as there is one (the daemon logs it from its own
+        loop, in its own time); AssertionError if none comes within timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.log().splitlines() if text in line]
+            if lines:
+                return lines
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the daemon log after {timeout:g} s")
+            time.sleep(0.01)
+
     def alive(self) -> bool:
         return self.process.poll() is None
 

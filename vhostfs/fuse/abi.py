@@ -12,10 +12,9 @@ import struct
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from vhostfs.fuse.ops import Attr, AttrOut, EntryOut, StatFs
+    from vhostfs.fuse.ops import AttrOut, EntryOut, StatFs
 
 KERNEL_MAJOR: Final = 7
-ROOT_NODE_ID: Final = 1
 # Longest single name the kernel sends (FUSE_NAME_MAX); the host fs usually stops at 255.
 NAME_MAX: Final = 1024
 PATH_MAX: Final = 4096
@@ -234,49 +233,20 @@ def _split_timeout(seconds: float) -> tuple[int, int]:
 
 # A file system uses a few timeouts over and over: split each once. (NaN never hits, being
 # unequal to itself, and the table is bounded.)
-_TIMEOUTS: Final[dict[float, tuple[int, int]]] = {}
+_SPLIT_TIMEOUTS: Final[dict[float, tuple[int, int]]] = {}
 
 
 def _timeout(seconds: float) -> tuple[int, int]:
-    split = _TIMEOUTS.get(seconds)
+    split = _SPLIT_TIMEOUTS.get(seconds)
     if split is None:
         split = _split_timeout(seconds)
-        if len(_TIMEOUTS) < 64:
-            _TIMEOUTS[seconds] = split
+        if len(_SPLIT_TIMEOUTS) < 64:
+            _SPLIT_TIMEOUTS[seconds] = split
     return split
 
 
-def _attr_fields(attr: Attr) -> tuple[int, ...]:
-    atime = attr.st_atime_ns
-    mtime = attr.st_mtime_ns
-    ctime = attr.st_ctime_ns
-    return (
-        attr.st_ino,
-        attr.st_size,
-        attr.st_blocks,
-        atime // _NS_PER_S,
-        mtime // _NS_PER_S,
-        ctime // _NS_PER_S,
-        atime % _NS_PER_S,
-        mtime % _NS_PER_S,
-        ctime % _NS_PER_S,
-        attr.st_mode & _U32,
-        attr.st_nlink & _U32,
-        attr.st_uid & _U32,
-        attr.st_gid & _U32,
-        attr.st_rdev & _U32,
-        attr.st_blksize & _U32,
-        attr.flags & _U32,
-    )
-
-
-def pack_attr(attr: Attr) -> bytes:
-    """fuse_attr (88 bytes)."""
-    return ATTR.pack(*_attr_fields(attr))
-
-
-# The two encoders below run for every LOOKUP/GETATTR: they spell _attr_fields out instead of
-# calling it, which saves a call and a tuple; keep the three in step.
+# The two encoders below run for every LOOKUP/GETATTR: each spells the fuse_attr fields out
+# (no helper returning a tuple), which saves a call and a tuple per reply; keep them in step.
 
 
 def pack_entry_out(entry: EntryOut) -> bytes:

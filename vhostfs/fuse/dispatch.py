@@ -1,18 +1,21 @@
 """From a guest request to an Operations call and back to a reply.
 
 Life of one request in `Dispatcher.handle`:
-1. Admit: check the header against the request (length, opcode, in-args, room for the reply)
-   and the session (only INIT before INIT). Problems are answered right here with an errno,
-   before the file system sees anything, so a refused request never changes fs state.
+1. Decode (`_decode`): check the header against the request (length, opcode, in-args, room for
+   the reply) and the session (only INIT before INIT), and build the handler's coroutine. It
+   never replies: a problem comes back as an errno, answered before the file system sees
+   anything, so a refused request never changes fs state.
 2. Run the opcode's handler coroutine inline with `send(None)`. Most finish without suspending;
    their reply is written before handle() returns. A handler that suspends on a real future is
    continued by an asyncio Task and replies later, out of order.
-3. Reply: header + payload (or READ data straight from a file), then complete() exactly once;
-   a transport whose requests have send_reply/send_file_reply does all of it in one step.
-   Requests without a reply (FORGET, BATCH_FORGET, INTERRUPT) are completed with 0 bytes.
+3. Reply (`_send`), through the one interface every transport has (vhostfs.fuse.transport):
+   header and payload in one `send_reply`, READ data straight from a file with
+   `send_file_reply`, or gathered from pieces with `send_pieces`. Requests without a reply
+   (FORGET, BATCH_FORGET, INTERRUPT) are completed with 0 bytes.
 
 handle() must be called on the event loop's thread and never raises for anything the guest
-sends.
+sends. A handler that fails with anything but FuseError/OSError is a bug: the guest gets EIO,
+and the log gets the traceback (a few per minute, then a count of the ones left out).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 import types
 from collections import Counter
 from collections.abc import Callable, Coroutine, Generator
@@ -47,35 +51,57 @@ _DESTROY: Final = int(Opcode.DESTROY)
 _WRITE: Final = int(Opcode.WRITE)
 
 _Work = Coroutine[Any, Any, Reply]
+# What _decode makes of a request: (opcode, unique, the handler to run or the errno to answer).
+_Decoded: TypeAlias = tuple[int, int, "_Work | int"]
 _unpack_header: Final = abi.IN_HEADER.unpack_from
 _pack_out: Final = abi.OUT_HEADER.pack
 _CONTEXTS_KEPT: Final = 256  # distinct (uid, gid, pid) request contexts kept for reuse
 
-# Per request type: its FastGuestRequest methods (send_reply, send_file_reply), or None if it
-# has not got them. Looked up once per type, then called unbound.
-_Fast: TypeAlias = tuple[Callable[[Any, bytes], None], Callable[[Any, int, int, int, int], None]]
-_FAST_REPLIES: dict[type, _Fast | None] = {}
 
+class FailureLog:
+    """Logs unexpected handler failures at ERROR with their traceback, at most `burst` in each
+    `interval` seconds, so a guest that keeps hitting one bug cannot flood the log; the ones
+    left out are counted and the count logged when the next interval starts."""
 
-def _fast_replies(kind: type) -> _Fast | None:
-    send, send_file = getattr(kind, "send_reply", None), getattr(kind, "send_file_reply", None)
-    fast = (send, send_file) if callable(send) and callable(send_file) else None
-    _FAST_REPLIES[kind] = fast
-    return fast
+    def __init__(
+        self,
+        burst: int = 10,
+        interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._burst = burst
+        self._interval = interval
+        self._clock = clock
+        self._since = -interval  # the current interval's start; the first failure opens one
+        self._logged = 0
+        self._suppressed = 0
+
+    def failed(self, opcode: int, exc: BaseException) -> None:
+        now = self._clock()
+        if now - self._since >= self._interval:
+            if self._suppressed:
+                log.error(
+                    "%d more unexpected handler failures in %.0f s were not logged",
+                    self._suppressed,
+                    self._interval,
+                )
+            self._since, self._logged, self._suppressed = now, 0, 0
+        if self._logged < self._burst:
+            self._logged += 1
+            log.error("opcode %d failed unexpectedly, answering EIO", opcode, exc_info=exc)
+        else:
+            self._suppressed += 1
 
 
 class Dispatcher:
-    """One FUSE session: the INIT state plus the requests still running, per queue.
-
-    `queue` in handle/inflight/drain is any label the transport chooses (e.g. the virtqueue
-    index); it only groups in-flight requests so that one queue can be drained on its own.
-    """
+    """One FUSE session: the INIT state plus the requests that suspended and still run."""
 
     def __init__(self, ops: Operations) -> None:
         self._ops = ops
         self.opcodes: Counter[int] = Counter()  # requests seen, by opcode, for the metrics
+        self.failures = FailureLog()
         self._conn: ConnInfo | None = None  # None until INIT succeeds, and again after DESTROY
-        self._running: dict[int, set[asyncio.Task[Reply]]] = {}
+        self._running: set[asyncio.Task[Reply]] = set()
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._contexts: dict[tuple[int, int, int], RequestContext] = {}
 
@@ -84,122 +110,106 @@ class Dispatcher:
         """The negotiated connection, or None while the session is down."""
         return self._conn
 
-    def inflight(self, queue: int | None = None) -> int:
-        """Requests of this queue (or all queues) that suspended and have not replied yet."""
-        if queue is not None:
-            return len(self._running.get(queue, ()))
-        return sum(len(tasks) for tasks in self._running.values())
+    def inflight(self) -> int:
+        """Requests that suspended and have not replied yet."""
+        return len(self._running)
 
-    async def drain(self, queue: int | None = None) -> None:
-        """Wait until inflight(queue) is 0; the transport stops taking new requests first."""
-        while self.inflight(queue):
+    async def drain(self) -> None:
+        """Wait until inflight() is 0; the transport stops taking new requests first."""
+        while self._running:
             waiter = asyncio.get_running_loop().create_future()
             self._idle_waiters.append(waiter)
             await waiter
-
-    def cancel(self, queue: int | None = None) -> None:
-        """Cancel suspended requests (e.g. on shutdown); each still gets its EINTR reply."""
-        for label, tasks in self._running.items():
-            if queue is None or label == queue:
-                for task in tasks:
-                    task.cancel()
 
     def opcode_counts(self) -> dict[str, int]:
         """Requests seen so far, by opcode name (unknown opcodes by number)."""
         return {_opcode_name(op): count for op, count in sorted(self.opcodes.items())}
 
-    def handle(self, req: GuestRequest, queue: int = 0) -> None:
+    def handle(self, req: GuestRequest) -> None:
         """Serve one request; its reply may be written now or, if the fs suspends, later."""
         try:
-            admitted = self._admit(req)
+            opcode, unique, work = self._decode(req)
         except Exception:
             log.exception("dispatcher failed to decode a request")
             self._reply_error(req, 0, errno.EIO)
             return
-        if admitted is not None:
-            opcode, unique, work = admitted
-            # Run the handler inline; most finish without suspending.
-            try:
-                suspended_on = work.send(None)
-            except StopIteration as done:
-                self._send(req, unique, done.value)
-                return
-            except Exception as exc:
-                self._send_failure(req, opcode, unique, exc)
-                return
-            except BaseException:
-                self._send_failure(req, opcode, unique, FuseError(errno.EINTR))
-                raise
-            self._suspended(req, queue, opcode, unique, work, suspended_on)
+        if isinstance(work, int):
+            self._refuse(req, opcode, unique, work)
+            return
+        # Run the handler inline; most finish without suspending.
+        try:
+            suspended_on = work.send(None)
+        except StopIteration as done:
+            self._send(req, unique, done.value)
+            return
+        except Exception as exc:
+            self._send_failure(req, opcode, unique, exc)
+            return
+        except BaseException:
+            self._send_failure(req, opcode, unique, FuseError(errno.EINTR))
+            raise
+        self._suspended(req, opcode, unique, work, suspended_on)
 
-    # Admission.
+    # Decoding.
 
-    def _admit(self, req: GuestRequest) -> tuple[int, int, _Work] | None:
-        """Decode and check a request. Returns what to run, or None after answering it."""
+    def _decode(self, req: GuestRequest) -> _Decoded:
+        """Check a request and build its handler's coroutine, or say which errno answers it."""
         data = req.data
         total = req.readable_len
         if total < _HEADER or len(data) < _HEADER:
             log.debug("request shorter than fuse_in_header (%d bytes)", total)
-            self._reply_error(req, 0, errno.EINVAL)
-            return None
+            return 0, 0, errno.EINVAL
         length, opcode, unique, node, uid, gid, pid, ext_units, _ = _unpack_header(data)
         self.opcodes[opcode] += 1
         spec = _SPECS.get(opcode)
-        replies = spec is None or spec.replies
-        err = 0
         writable_len = req.writable_len
-        if replies and writable_len < _OUT:
-            log.warning("opcode %d: no room for a reply (%d bytes)", opcode, writable_len)
-            req.complete(0)
-            return None
+        if writable_len < _OUT and (spec is None or spec.replies):
+            return opcode, unique, errno.ERANGE  # no room even for that: completed with 0 bytes
         args_len = length - _HEADER - ext_units * 8
-        room = writable_len - _OUT
         conn = self._conn
         if length != total:
             log.debug("opcode %d: header len %d but %d bytes readable", opcode, length, total)
-            err = errno.EINVAL
-        elif conn is None and opcode != _INIT:
-            err = errno.EIO
-        elif args_len < 0:
-            err = errno.EINVAL
-        elif opcode == _INIT:
+            return opcode, unique, errno.EINVAL
+        if conn is None and opcode != _INIT:
+            return opcode, unique, errno.EIO
+        if args_len < 0:
+            return opcode, unique, errno.EINVAL
+        if spec is None:
+            return opcode, unique, self._decode_session(req, opcode, args_len)
+        payload_len = 0
+        if opcode == _WRITE:
+            payload_len = max(0, args_len - abi.WRITE_IN.size)
+            args_len -= payload_len
+        if not spec.min_args <= args_len <= _MAX_ARGS:
+            return opcode, unique, errno.EINVAL
+        end = _HEADER + args_len
+        if end <= len(data):  # the common case: _read_args, inlined
+            args = memoryview(data[_HEADER:end].tobytes())
+        else:
+            read = self._read_args(req, args_len)
+            if read is None:
+                return opcode, unique, errno.EINVAL
+            args = read
+        room = writable_len - _OUT
+        if spec.replies and room < spec.reply_size:
+            return opcode, unique, errno.ERANGE
+        assert conn is not None
+        # Requests from one guest process share a context: reuse it.
+        ctx = self._contexts.get((uid, gid, pid))
+        if ctx is None:
+            ctx = self._context(uid, gid, pid)
+        call = Call(req, node, ctx, args, payload_len, room, conn.max_write)
+        return opcode, unique, spec.handler(self._ops, call)
+
+    def _decode_session(self, req: GuestRequest, opcode: int, args_len: int) -> _Work | int:
+        """INIT and DESTROY, which the dispatcher serves itself; other opcodes without a spec
+        are ENOSYS."""
+        if opcode == _INIT:
             init_args = self._read_args(req, min(args_len, _MAX_ARGS))
-            if init_args is not None:
-                return opcode, unique, self._init(init_args)
-            err = errno.EINVAL
-        elif opcode == _DESTROY:
-            return opcode, unique, self._destroy()
-        elif spec is None:
-            err = errno.ENOSYS
-        else:
-            payload_len = 0
-            if opcode == _WRITE:
-                payload_len = max(0, args_len - abi.WRITE_IN.size)
-                args_len -= payload_len
-            args = None
-            if spec.min_args <= args_len <= _MAX_ARGS:
-                end = _HEADER + args_len
-                if end <= len(data):  # the common case: _read_args, inlined
-                    args = memoryview(data[_HEADER:end].tobytes())
-                else:
-                    args = self._read_args(req, args_len)
-            if args is None:
-                err = errno.EINVAL
-            elif replies and room < spec.reply_size:
-                err = errno.ERANGE
-            else:
-                assert conn is not None
-                # Requests from one guest process share a context: reuse it.
-                ctx = self._contexts.get((uid, gid, pid))
-                if ctx is None:
-                    ctx = self._context(uid, gid, pid)
-                call = Call(req, node, ctx, args, payload_len, room, conn.max_write)
-                return opcode, unique, spec.handler(self._ops, call)
-        if replies:
-            self._reply_error(req, unique, err)
-        else:
-            req.complete(0)
-        return None
+            return errno.EINVAL if init_args is None else self._init(init_args)
+        if opcode == _DESTROY:
+            return self._destroy()
+        return errno.ENOSYS
 
     def _context(self, uid: int, gid: int, pid: int) -> RequestContext:
         if len(self._contexts) >= _CONTEXTS_KEPT:
@@ -250,13 +260,7 @@ class Dispatcher:
     # Running.
 
     def _suspended(
-        self,
-        req: GuestRequest,
-        queue: int,
-        opcode: int,
-        unique: int,
-        work: _Work,
-        suspended_on: Any,
+        self, req: GuestRequest, opcode: int, unique: int, work: _Work, suspended_on: Any
     ) -> None:
         """The handler awaited a real future: an asyncio Task carries it on."""
         try:
@@ -266,13 +270,13 @@ class Dispatcher:
             log.error("opcode %d suspended with no running event loop", opcode)
             self._send_failure(req, opcode, unique, FuseError(errno.EIO))
             return
-        self._running.setdefault(queue, set()).add(task)
-        task.add_done_callback(partial(self._finished, req, queue, opcode, unique))
+        self._running.add(task)
+        task.add_done_callback(partial(self._finished, req, opcode, unique))
 
     def _finished(
-        self, req: GuestRequest, queue: int, opcode: int, unique: int, task: asyncio.Task[Reply]
+        self, req: GuestRequest, opcode: int, unique: int, task: asyncio.Task[Reply]
     ) -> None:
-        self._running[queue].discard(task)
+        self._running.discard(task)
         try:
             if task.cancelled():
                 self._send_failure(req, opcode, unique, FuseError(errno.EINTR))
@@ -281,7 +285,7 @@ class Dispatcher:
             else:
                 self._send(req, unique, task.result())
         finally:
-            if not self._running[queue]:
+            if not self._running:
                 waiters, self._idle_waiters = self._idle_waiters, []
                 for waiter in waiters:
                     if not waiter.done():
@@ -290,76 +294,24 @@ class Dispatcher:
     # Replies.
 
     def _send(self, req: GuestRequest, unique: int, reply: Reply) -> None:
-        if reply is None:
-            req.complete(0)
-            return
-        if isinstance(reply, list):
-            self._send_pieces(req, unique, reply)
-            return
-        kind = type(req)
-        fast = _FAST_REPLIES[kind] if kind in _FAST_REPLIES else _fast_replies(kind)
-        if fast is not None:
-            # The transport writes the whole reply and completes in one step.
-            if isinstance(reply, FileSlice):
-                if reply.size >= 0:
-                    try:
-                        fast[1](req, unique, reply.fd, reply.pos, reply.size)
-                    except OSError as exc:
-                        self._reply_error(req, unique, exc.errno or errno.EIO)
-                    return
+        try:
+            if reply is None:
+                req.complete(0)
+            elif isinstance(reply, FileSlice):
+                req.send_file_reply(unique, reply.fd, reply.pos, reply.size)
+            elif isinstance(reply, list):
+                req.send_pieces(unique, reply)
             else:
                 total = _OUT + len(reply)
                 if total > req.writable_len:
                     self._reply_error(req, unique, errno.ERANGE)
                     return
-                fast[0](req, _pack_out(total, 0, unique) + reply)
-                return
-        try:
-            if isinstance(reply, FileSlice):
-                got = 0
-                if reply.size > 0:
-                    got = req.reply_from_file(_OUT, reply.fd, reply.pos, reply.size)
-                total = _OUT + min(got, reply.size)
-            else:
-                total = _OUT + len(reply)
-                if total > req.writable_len:
-                    self._reply_error(req, unique, errno.ERANGE)
-                    return
-                if reply:
-                    req.write_reply(_OUT, reply)
-            req.write_reply(0, abi.OUT_HEADER.pack(total, 0, unique))
+                req.send_reply(_pack_out(total, 0, unique) + reply)
         except OSError as exc:
             self._reply_error(req, unique, exc.errno or errno.EIO)
-            return
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: a negative size from the fs
             log.warning("reply for unique %d did not fit after all", unique)
             req.complete(0)
-            return
-        req.complete(total)
-
-    def _send_pieces(self, req: GuestRequest, unique: int, pieces: list[FileSlice | bytes]) -> None:
-        """A READ reply gathered from several files: each piece goes straight to guest memory;
-        a short file piece (end of file) ends the reply there."""
-        offset = _OUT
-        try:
-            for piece in pieces:
-                if isinstance(piece, FileSlice):
-                    got = req.reply_from_file(offset, piece.fd, piece.pos, piece.size)
-                    offset += got
-                    if got < piece.size:
-                        break
-                else:
-                    req.write_reply(offset, piece)
-                    offset += len(piece)
-            req.write_reply(0, abi.OUT_HEADER.pack(offset, 0, unique))
-        except OSError as exc:
-            self._reply_error(req, unique, exc.errno or errno.EIO)
-            return
-        except ValueError:
-            log.warning("reply for unique %d did not fit after all", unique)
-            req.complete(0)
-            return
-        req.complete(offset)
 
     def _send_failure(
         self, req: GuestRequest, opcode: int, unique: int, exc: BaseException
@@ -369,10 +321,13 @@ class Dispatcher:
         elif isinstance(exc, OSError):
             err = exc.errno or errno.EIO
         else:
-            log.debug("opcode %d failed unexpectedly, answering EIO", opcode, exc_info=exc)
+            self.failures.failed(opcode, exc)
             err = errno.EIO
         if not 0 < err < 4096:
             err = errno.EIO
+        self._refuse(req, opcode, unique, err)
+
+    def _refuse(self, req: GuestRequest, opcode: int, unique: int, err: int) -> None:
         if opcode in _NO_REPLY_OPCODES:
             req.complete(0)
         else:
@@ -384,17 +339,7 @@ class Dispatcher:
             log.warning("no room to report errno %d for unique %d", err, unique)
             req.complete(0)
             return
-        kind = type(req)
-        fast = _FAST_REPLIES[kind] if kind in _FAST_REPLIES else _fast_replies(kind)
-        if fast is not None:
-            fast[0](req, _pack_out(_OUT, -err, unique))
-            return
-        try:
-            req.write_reply(0, abi.OUT_HEADER.pack(_OUT, -err, unique))
-        except ValueError:
-            req.complete(0)
-            return
-        req.complete(_OUT)
+        req.send_reply(_pack_out(_OUT, -err, unique))
 
 
 def _opcode_name(opcode: int) -> str:

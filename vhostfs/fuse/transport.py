@@ -1,13 +1,19 @@
 """What the FUSE layer needs from whatever carries its requests.
 
-The virtqueue (vhostfs.vhost) implements this for descriptor chains in guest memory; tests may
-implement it over plain buffers. Everything behind it is guest-controlled: lengths and contents
-are hostile until the dispatcher has checked them.
+The virtqueue (vhostfs.vhost) implements this for descriptor chains in guest memory; tests
+implement it over plain buffers. Every transport has the same three ways to answer, so the
+dispatcher has one reply path: a whole reply in memory (`send_reply`), READ data straight from
+a file (`send_file_reply`) or gathered from pieces (`send_pieces`). Each writes the reply and
+completes the request in one step; `complete` alone is for requests that get no reply.
+
+Everything behind it is guest-controlled: lengths and contents are hostile until the dispatcher
+has checked them.
 """
 
-from typing import Protocol, TypeAlias
+from collections.abc import Sequence
+from typing import Protocol
 
-BytesLike: TypeAlias = bytes | bytearray | memoryview
+from vhostfs.segments import FileSlice
 
 
 class GuestRequest(Protocol):
@@ -33,28 +39,10 @@ class GuestRequest(Protocol):
 
         Raises OSError from the file system."""
 
-    def write_reply(self, offset: int, data: BytesLike) -> None:
-        """Copy data into the writable part at offset. Raises ValueError if it does not fit."""
-
-    def reply_from_file(self, offset: int, fd: int, pos: int, length: int) -> int:
-        """preadv up to length bytes of fd at pos into the writable part at offset.
-
-        Returns the bytes read (short at end of file). Raises OSError from the file system."""
-
-    def complete(self, written: int) -> None:
-        """Hand the chain back to the guest with `written` reply bytes, and notify it if needed.
-
-        Must be called exactly once per request, also for requests that get no reply."""
-
-
-class FastGuestRequest(GuestRequest, Protocol):
-    """A GuestRequest that can also write a whole reply and complete in one step.
-
-    The dispatcher uses these when a transport's request type has them (the virtqueue does each
-    in one call into C) and write_reply/reply_from_file + complete otherwise."""
-
     def send_reply(self, data: bytes) -> None:
-        """write_reply(0, data), then complete(len(data)). Raises ValueError if it does not fit."""
+        """Write data (fuse_out_header and payload) at the start of the writable part and
+        complete with len(data). Raises ValueError, leaving the request open, if it does not
+        fit."""
 
     def send_file_reply(self, unique: int, fd: int, pos: int, size: int) -> None:
         """A successful reply (fuse_out_header for unique, then up to size bytes of fd at pos,
@@ -63,3 +51,15 @@ class FastGuestRequest(GuestRequest, Protocol):
         Raises OSError from the file system, leaving the request to be answered otherwise. The
         transport may also do the read later and answer a read error itself; fd need only stay
         open until this returns."""
+
+    def send_pieces(self, unique: int, pieces: Sequence[FileSlice | bytes]) -> None:
+        """A successful reply (fuse_out_header for unique, then the pieces in order, each file
+        piece read straight into the reply; a short one, at end of file, ends it), completed.
+
+        Raises OSError from the file system, or ValueError if the pieces do not fit, leaving
+        the request open."""
+
+    def complete(self, written: int) -> None:
+        """Hand the request back to the guest with `written` reply bytes already in place.
+
+        Each request is completed exactly once: by this or by one of the send_* methods."""

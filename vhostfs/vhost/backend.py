@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # requests over as many as the device has, and QEMU does not check our answer against its own.
 DEFAULT_QUEUES = 2
 
-Reply = int | bytes | None  # a u64 reply, a raw payload, or nothing of its own
+Answer = int | bytes | None  # a u64 reply, a raw payload, or nothing of its own
 
 
 class Backend:
@@ -48,7 +48,7 @@ class Backend:
         self.protocol_features = 0
         self.owned = False
         self.backend_req_fd: int | None = None
-        self._handlers: dict[int, Callable[[Message], Reply]] = {
+        self._handlers: dict[int, Callable[[Message], Answer]] = {
             p.Request.GET_FEATURES: lambda m: p.OFFERED_FEATURES,
             p.Request.SET_FEATURES: self._set_features,
             p.Request.GET_PROTOCOL_FEATURES: lambda m: p.OFFERED_PROTOCOL_FEATURES,
@@ -118,7 +118,7 @@ class Backend:
 
     # Features and ownership ----------------------------------------------------------------------
 
-    def _set_features(self, message: Message) -> Reply:
+    def _set_features(self, message: Message) -> Answer:
         features = message.u64()
         unknown = features & ~p.OFFERED_FEATURES
         if unknown:
@@ -134,7 +134,7 @@ class Backend:
                 queue.set_enabled(True)
         return None
 
-    def _set_protocol_features(self, message: Message) -> Reply:
+    def _set_protocol_features(self, message: Message) -> Answer:
         # cloud-hypervisor's reconnect path sends this without a GET first; that is fine.
         features = message.u64()
         unknown = features & ~p.OFFERED_PROTOCOL_FEATURES
@@ -143,11 +143,11 @@ class Backend:
         self.protocol_features = features
         return None
 
-    def _set_owner(self, message: Message) -> Reply:
+    def _set_owner(self, message: Message) -> Answer:
         self.owned = True
         return None
 
-    def _reset(self, message: Message) -> Reply:
+    def _reset(self, message: Message) -> Answer:
         for queue in self.queues:
             queue.reset()
         self.features = 0
@@ -155,12 +155,12 @@ class Backend:
 
     # Memory --------------------------------------------------------------------------------------
 
-    def _set_mem_table(self, message: Message) -> Reply:
+    def _set_mem_table(self, message: Message) -> Answer:
         self.memory.replace(message.mem_regions(), message.take_fds())
         self._remap_rings()
         return None
 
-    def _add_mem_reg(self, message: Message) -> Reply:
+    def _add_mem_reg(self, message: Message) -> Answer:
         region = message.single_mem_region()
         fds = message.take_fds()
         if len(fds) != 1:
@@ -171,7 +171,7 @@ class Backend:
         self._remap_rings()
         return None
 
-    def _rem_mem_reg(self, message: Message) -> Reply:
+    def _rem_mem_reg(self, message: Message) -> Answer:
         self.memory.remove(message.single_mem_region())
         self._remap_rings()
         return None
@@ -191,22 +191,22 @@ class Backend:
             raise PayloadError(f"queue index {index} >= {len(self.queues)} queues")
         return self.queues[index]
 
-    def _set_vring_num(self, message: Message) -> Reply:
+    def _set_vring_num(self, message: Message) -> Answer:
         index, num = message.vring_state()
         self._queue(index).set_num(num)
         return None
 
-    def _set_vring_addr(self, message: Message) -> Reply:
+    def _set_vring_addr(self, message: Message) -> Answer:
         addr = message.vring_addr()
         self._queue(addr.index).set_addr(addr)
         return None
 
-    def _set_vring_base(self, message: Message) -> Reply:
+    def _set_vring_base(self, message: Message) -> Answer:
         index, base = message.vring_state()
         self._queue(index).set_base(base)
         return None
 
-    def _get_vring_base(self, message: Message) -> Reply:
+    def _get_vring_base(self, message: Message) -> Answer:
         index, _ = message.vring_state()
         base = self._queue(index).stop()
         return p.VRING_STATE.pack(index, base)
@@ -224,31 +224,31 @@ class Backend:
             raise PayloadError(f"{message.name} carries {len(fds)} fds, expected {want}")
         return queue, fds[0] if fds else None
 
-    def _set_vring_kick(self, message: Message) -> Reply:
+    def _set_vring_kick(self, message: Message) -> Answer:
         queue, fd = self._vring_fd(message)
         if fd is None:
             raise PayloadError("polling a ring without a kick fd is not supported")
         queue.start(fd)
         return None
 
-    def _set_vring_call(self, message: Message) -> Reply:
+    def _set_vring_call(self, message: Message) -> Answer:
         queue, fd = self._vring_fd(message)
         queue.set_call(fd)
         return None
 
-    def _set_vring_err(self, message: Message) -> Reply:
+    def _set_vring_err(self, message: Message) -> Answer:
         queue, fd = self._vring_fd(message)
         queue.set_err(fd)
         return None
 
-    def _set_vring_enable(self, message: Message) -> Reply:
+    def _set_vring_enable(self, message: Message) -> Answer:
         index, enable = message.vring_state()
         if enable > 1:
             raise PayloadError(f"SET_VRING_ENABLE with {enable}")
         self._queue(index).set_enabled(bool(enable))
         return None
 
-    def _set_backend_req_fd(self, message: Message) -> Reply:
+    def _set_backend_req_fd(self, message: Message) -> Answer:
         fds = message.take_fds()
         if len(fds) != 1:
             for fd in fds:
