@@ -136,6 +136,22 @@ def test_cancelled_request_is_answered_eintr(run: Callable[..., None]) -> None:
     run(main())
 
 
+def test_cancel_answers_every_suspended_request_eintr(run: Callable[..., None]) -> None:
+    async def main() -> None:
+        fs = SlowFs()
+        fs.gate = asyncio.get_running_loop().create_future()  # never opens: the daemon stops
+        d = Dispatcher(fs)
+        fc.handshake(d.handle)
+        first = fc.exchange(d.handle, fc.getattr_(2))
+        second = fc.exchange(d.handle, fc.getattr_(3))
+        assert d.inflight() == 2
+        d.cancel()
+        await asyncio.wait_for(d.drain(), 5)
+        assert first.error == errno.EINTR and second.error == errno.EINTR
+
+    run(main())
+
+
 def test_suspending_forget_completes_with_no_reply(run: Callable[..., None]) -> None:
     async def main() -> None:
         fs = SlowFs()

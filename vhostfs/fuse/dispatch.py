@@ -121,6 +121,12 @@ class Dispatcher:
             self._idle_waiters.append(waiter)
             await waiter
 
+    def cancel(self) -> None:
+        """Cancel the suspended requests (the daemon is stopping); each still gets its EINTR
+        reply, so drain() then returns once they have unwound."""
+        for task in self._running:
+            task.cancel()
+
     def opcode_counts(self) -> dict[str, int]:
         """Requests seen so far, by opcode name (unknown opcodes by number)."""
         return {_opcode_name(op): count for op, count in sorted(self.opcodes.items())}
