@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from vhostfs._vring import ffi, lib
 
 from tests.csrc.test_vring import Harness
 from tests.support.guest import AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY
+from vhostfs._vring import ffi, lib
 
 OUT = struct.Struct("<IiQ")  # fuse_out_header
 
