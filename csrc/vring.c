@@ -501,6 +501,8 @@ static struct offload_job jobs[VQ_OFFLOAD_MAX];
 static uint32_t queued, claimed, done, base;
 static uint32_t helper_sleeping, caller_waiting; /* futex words */
 static int helper_started;
+static uint32_t helper_stop; /* set by vq_offload_stop, read by the helper before it sleeps */
+static pthread_t helper_thread;
 
 static long futex(uint32_t *word, int op, uint32_t value)
 {
@@ -552,12 +554,13 @@ static void run_jobs(void)
 static void *helper_main(void *arg)
 {
     (void)arg;
-    for (;;) {
+    while (!__atomic_load_n(&helper_stop, __ATOMIC_SEQ_CST)) {
         run_jobs();
         /* Sleep until the caller queues more: announce, re-check, wait. */
         __atomic_store_n(&helper_sleeping, 1, __ATOMIC_SEQ_CST);
         uint32_t have = __atomic_load_n(&queued, __ATOMIC_SEQ_CST);
-        if (__atomic_load_n(&claimed, __ATOMIC_SEQ_CST) == have)
+        if (__atomic_load_n(&claimed, __ATOMIC_SEQ_CST) == have &&
+            !__atomic_load_n(&helper_stop, __ATOMIC_SEQ_CST))
             futex(&queued, FUTEX_WAIT_PRIVATE, have);
         __atomic_store_n(&helper_sleeping, 0, __ATOMIC_SEQ_CST);
     }
@@ -573,14 +576,29 @@ int vq_offload_start(void)
     int rc = pthread_attr_init(&attr);
     if (rc)
         return -rc;
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     pthread_attr_setstacksize(&attr, 64 * 1024);
+    __atomic_store_n(&helper_stop, 0, __ATOMIC_SEQ_CST);
     rc = pthread_create(&thread, &attr, helper_main, NULL);
     pthread_attr_destroy(&attr);
     if (rc)
         return -rc;
+    helper_thread = thread;
     helper_started = 1;
     return 0;
+}
+
+int vq_offload_stop(void)
+{
+    if (!helper_started)
+        return 0;
+    if (vq_offload_busy())
+        return -EBUSY; /* finish the queued jobs first: their chains are still open */
+    __atomic_store_n(&helper_stop, 1, __ATOMIC_SEQ_CST);
+    /* Bump the futex word's waiters out of their sleep; queued itself is not changed. */
+    futex(&queued, FUTEX_WAKE_PRIVATE, 1);
+    int rc = pthread_join(helper_thread, NULL);
+    helper_started = 0;
+    return -rc;
 }
 
 int vq_offload_read(const struct vq_chain *chain, int fd, int64_t pos, uint32_t size,

@@ -159,6 +159,8 @@ int vq_pop_or_arm(struct vq_ring *ring, const struct vq_memory *mem, struct vq_c
  * vq_offload_finish. One caller thread (the event loop) and one helper per process.
  *
  * vq_offload_start starts the helper once; 0 or -errno.
+ * vq_offload_stop ends and joins the helper (the daemon is stopping), so no thread outlives
+ * the server; -EBUSY while jobs are queued. 0 or -errno; vq_offload_start may follow.
  * vq_offload_read queues "vq_reply_preadv without the push" for chain: the helper reads into
  * the writable part after the header, then writes the header (len = 16 + bytes read, or
  * len = 16 and error = -errno if nothing could be read). fd is duplicated, so the caller may
@@ -171,6 +173,7 @@ int vq_pop_or_arm(struct vq_ring *ring, const struct vq_memory *mem, struct vq_c
  * VQ_ERR_* from a push (every job is finished all the same; results stay valid). */
 #define VQ_OFFLOAD_MAX 1024
 int vq_offload_start(void);
+int vq_offload_stop(void);
 int vq_offload_read(const struct vq_chain *chain, int fd, int64_t pos, uint32_t size,
                     uint64_t unique);
 int vq_offload_busy(void);

@@ -3,6 +3,7 @@ vq_pop_or_arm, and READ replies offloaded to the helper thread (vq_offload_*).""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import tempfile
@@ -206,6 +207,13 @@ class TestPopOrArm:
 
 
 class TestOffload:
+    @pytest.fixture(autouse=True)
+    def stopped_after(self) -> Iterator[None]:
+        """Each test starts the helper as it needs; none leaves it running for the next."""
+        yield
+        assert lib.vq_offload_busy() == 0
+        assert lib.vq_offload_stop() == 0
+
     def pop_all(self, h: Harness, n: int, writable: list[int]) -> list[tuple[int, Any]]:
         heads = [h.drv.add_chain([b"req"], writable, indirect=True) for _ in range(n)]
         chains = []
@@ -233,6 +241,22 @@ class TestOffload:
             expect = max(0, min(size, len(data) - pos))
             assert results[k] == expect
             assert used[k] == (head, 16 + expect)
+
+    def test_stop_joins_the_helper_and_start_brings_it_back(
+        self, h: Harness, datafile: tuple[int, bytes]
+    ) -> None:
+        base = len(os.listdir("/proc/self/task"))
+        assert lib.vq_offload_start() == 0
+        assert len(os.listdir("/proc/self/task")) == base + 1
+        fd, _ = datafile
+        ((_, chain),) = self.pop_all(h, 1, [16, 4096])
+        assert lib.vq_offload_read(chain, fd, 0, 4096, 7) == 1
+        assert lib.vq_offload_stop() == -errno.EBUSY, "a queued job keeps it running"
+        assert lib.vq_offload_finish(h.ring, ffi.NULL) == 1
+        assert lib.vq_offload_stop() == 0
+        assert len(os.listdir("/proc/self/task")) == base
+        assert lib.vq_offload_read(chain, fd, 0, 4096, 8) == -1, "no helper: reply yourself"
+        assert lib.vq_offload_start() == 0, "and it starts again"
 
     def test_reply_contents_and_errors(self, h: Harness, datafile: tuple[int, bytes]) -> None:
         assert lib.vq_offload_start() == 0

@@ -139,7 +139,7 @@ def test_every_exit_path_closes_everything(
     mount: MountConfig = rafs_mount(tmp_path) if kind == "rafs" else share(tmp_path)
     socket_path = tmp_path / "vhostfs.sock"
     daemon = Daemon(DaemonConfig(SocketPath(str(socket_path)), (("/", mount),)))
-    fds, py_threads = open_fds(), threading.active_count()
+    fds, threads, py_threads = open_fds(), os_threads(), threading.active_count()
 
     left = uvloop.run(serve_one_session(daemon, socket_path, exit_by))
 
@@ -147,6 +147,7 @@ def test_every_exit_path_closes_everything(
     assert daemon.state is DaemonState.STOPPED
     assert open_fds() == fds
     assert threading.active_count() == py_threads
+    assert os_threads(threads) == threads, "no thread outlives the daemon (the C helper too)"
     assert not socket_path.exists()
 
 

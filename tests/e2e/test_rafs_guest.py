@@ -295,6 +295,7 @@ def _not_ready(bootstrap: Path, cache: Path, paths: list[str]) -> tuple[int, int
     missing = ready = 0
     caches = {}
     for (blob_index, chunk_index), size in chunks.items():
+        assert chunk_index is not None, "RAFS v6 chunks always carry their index"
         blob = blobs[blob_index]
         if blob_index not in caches:
             caches[blob_index] = ChunkCache(cache, blob.blob_id, blob.chunk_count, sync_data=False)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from vhostfs.vhost import protocol as p
 from vhostfs.vhost.backend import Backend
 from vhostfs.vhost.codec import MessageReader, ProtocolError
-from vhostfs.vhost.virtqueue import RequestHandler
+from vhostfs.vhost.virtqueue import RequestHandler, stop_offload
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +129,4 @@ async def serve(
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        stop_offload()  # every ring has stopped with the connection

@@ -462,3 +462,15 @@ def _offload_available() -> bool:
     if _offload_ready is None:
         _offload_ready = len(os.sched_getaffinity(0)) > 1 and lib.vq_offload_start() == 0
     return _offload_ready
+
+
+def stop_offload() -> None:
+    """End the helper thread once no ring runs any more (the server is done), so it does not
+    outlive the daemon's other resources; the next ring to start starts it again."""
+    global _offload_ready
+    if _offload_ready:
+        err = lib.vq_offload_stop()
+        if err:
+            log.error("offload helper: cannot stop it: %s", os.strerror(-err))
+            return
+    _offload_ready = None
