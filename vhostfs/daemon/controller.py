@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Final
 
 from vhostfs import __version__
@@ -156,7 +155,7 @@ def _backend(entry: MountedFs) -> dict[str, Any]:
     config = entry.config
     shown: Any = None
     if isinstance(config, RafsMountConfig):
-        shown = asdict(config.storage)
+        shown = config.storage.redacted()  # credentials blanked, as nydusd's DaemonInfo
     mounted = datetime.datetime.fromtimestamp(entry.mounted_time, datetime.UTC)
     return {
         "backend_type": "Rafs" if isinstance(config, RafsMountConfig) else "PassthroughFs",
