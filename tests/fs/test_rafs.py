@@ -110,9 +110,14 @@ def test_every_mutation_is_erofs_and_write_opens_too(fs: RafsFs) -> None:
 
 
 def test_stale_or_foreign_node_ids_are_refused(fs: RafsFs) -> None:
-    with pytest.raises(FuseError) as stale:
+    for foreign in (NodeId(0), NodeId(1 << 56 | 5), NodeId(1 << 63)):
+        with pytest.raises(FuseError) as stale:
+            run(fs.getattr(foreign, None, ROOT))
+        assert stale.value.errno == errno.ESTALE
+    # A node never handed out names no valid inode: a clean EIO, never wrong attributes.
+    with pytest.raises(FuseError) as bogus:
         run(fs.getattr(NodeId(12345), None, ROOT))
-    assert stale.value.errno == errno.ESTALE
+    assert bogus.value.errno == errno.EIO
 
 
 def test_access_follows_the_mode_bits(fs: RafsFs) -> None:

@@ -16,11 +16,15 @@ from pathlib import Path
 import pytest
 
 from tests.support import fuse_client as fc
+from tests.support.paths import NYDUS_FIXTURES
 from vhostfs.fs import Passthrough
 from vhostfs.fs.pseudo import PathError
+from vhostfs.fs.rafs import RafsFs
 from vhostfs.fs.vfs import INDEX_SHIFT, MAX_MOUNTS, MountTableFull, Vfs
 from vhostfs.fuse import Dispatcher
 from vhostfs.fuse.ops import FuseError, NodeId, Operations, RequestContext
+from vhostfs.rafs import open_image, read_file
+from vhostfs.storage import RafsConfig, SyncStorage, open_storage
 
 ROOT = 1
 
@@ -173,3 +177,39 @@ def test_at_most_255_mounts() -> None:
             await vfs.mount("/one-more", NoXattrs())
 
     asyncio.run(fill())
+
+
+def test_a_rafs_image_serves_through_the_pseudo_root(tmp_path: Path) -> None:
+    bootstrap = NYDUS_FIXTURES / "v6" / "rafs-v6-2.2.boot"
+    image = open_image(bootstrap)
+    config = RafsConfig.from_flags(blob_dir=bootstrap.parent)
+    with SyncStorage(config, image.blobs, bootstrap=bootstrap) as offline:
+        ino = image.lookup(image.root_ino, b"lib.rs")
+        assert ino is not None
+        expected = read_file(image, offline, ino, 0, 1 << 20)
+    assert len(expected) == 16931
+
+    async def serve() -> bytes:
+        storage = open_storage(config, image.blobs, bootstrap=bootstrap)
+        vfs = Vfs()
+        await vfs.mount("/rafs/c1/lowerdir", RafsFs(image, storage))
+        dispatcher = Dispatcher(vfs)
+        fc.handshake(dispatcher.handle)
+
+        async def call(raw: bytes) -> fc.BufferRequest:
+            request = fc.exchange(dispatcher.handle, raw, 1 << 20)
+            await dispatcher.drain()  # a chunk fetch suspends the request; it ends here
+            assert request.completed and request.error == 0
+            return request
+
+        node = 1
+        for name in (b"rafs", b"c1", b"lowerdir", b"lib.rs"):
+            node = fc.parse_entry_out((await call(fc.lookup(node, name))).payload).nodeid
+        assert node >> INDEX_SHIFT == 1
+        fh = fc.parse_open_out((await call(fc.open_(node))).payload)[0]
+        pieces = [(await call(fc.read(node, fh, at, 8192))).payload for at in range(0, 16931, 8192)]
+        await storage.aclose()
+        return b"".join(pieces)
+
+    assert asyncio.run(serve()) == expected
+    image.close()

@@ -48,9 +48,11 @@ log = logging.getLogger(__name__)
 
 # A day, as virtiofsd's cache=always: nothing in the image can change under the guest.
 TIMEOUT = 86400.0
-# Node ids carry the inode in their low 56 bits, as nydusd's VFS numbers a mount's inodes.
-NODE_TAG = 1 << 56
-INO_LIMIT = 1 << 56
+# Node ids are the inode number plus NODE_OFFSET, so that no inode (nid 0 and nid 1 exist in
+# RAFS v6) can take the root's ROOT_ID or the negative entry's 0; they stay below 2^56, the
+# inner ids the VFS can carry (nydusd's VFS numbers a mount's inodes the same way).
+NODE_OFFSET = 2
+INO_LIMIT = (1 << 56) - NODE_OFFSET
 ATTR_CACHE_SIZE = 8192
 
 
@@ -90,16 +92,16 @@ class RafsFs(ReadOnlyOperations):
     def _ino(self, node: NodeId) -> int:
         if node == ROOT_ID:
             return self.image.root_ino
-        if node & ~(INO_LIMIT - 1) != NODE_TAG:
+        if not NODE_OFFSET <= node < INO_LIMIT + NODE_OFFSET:
             raise FuseError(errno.ESTALE)
-        return node & (INO_LIMIT - 1)
+        return node - NODE_OFFSET
 
     def _node(self, ino: int) -> NodeId:
         if ino == self.image.root_ino:
             return ROOT_ID
         if not 0 <= ino < INO_LIMIT:
             raise FuseError(errno.EOVERFLOW)
-        return NodeId(NODE_TAG | ino)
+        return NodeId(ino + NODE_OFFSET)
 
     def _build_guest_attr(self, ino: int) -> Attr:
         return _fuse_attr(self._attr(ino))
