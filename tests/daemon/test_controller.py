@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 from vhostfs.daemon.config import PassthroughMountConfig, RafsMountConfig
 from vhostfs.daemon.controller import DaemonController
+from vhostfs.daemon.events import MAX_ERRORS, ErrorEvents
 from vhostfs.daemon.mount import PassthroughMount, RafsMount
 from vhostfs.daemon.state import DaemonState
 from vhostfs.daemon.table import MountedFs
@@ -24,6 +26,7 @@ class DaemonView:
     def __init__(self, entries: list[MountedFs]) -> None:
         self.state = DaemonState.RUNNING
         self._entries = entries
+        self.events = ErrorEvents()
 
     @property
     def mounts(self) -> Iterator[MountedFs]:
@@ -70,3 +73,22 @@ def test_daemon_info_blanks_every_secret() -> None:
     assert shown["backend"]["type"] == "registry"
     assert shown["backend"]["config"]["host"] == "registry.local:5000"
     assert PASSWORD not in text and TOKEN not in text and auth not in text
+
+
+def test_error_events_are_bounded_and_counted() -> None:
+    events = ErrorEvents()
+    logger = logging.getLogger("vhostfs.test.events")
+    logger.addHandler(events)
+    logger.propagate = False
+    try:
+        logger.warning("not an error")
+        for i in range(MAX_ERRORS + 10):
+            logger.error("chunk %d failed", i)
+        logger.error("bad %d format %d", 1)  # a broken log call is kept, not raised
+    finally:
+        logger.removeHandler(events)
+    shown = events.snapshot()
+    assert shown["total_errors"] == MAX_ERRORS + 11
+    assert len(shown["errors"]) == MAX_ERRORS
+    assert shown["errors"][-2] == f"vhostfs.test.events: chunk {MAX_ERRORS + 9} failed"
+    assert "not an error" not in " ".join(shown["errors"])

@@ -65,7 +65,7 @@ class DaemonController:
         logging.getLogger().setLevel(number)
 
     def events(self) -> dict[str, Any]:
-        return {"max_errors": 0, "total_errors": 0, "max_size": 0, "errors": []}
+        return self._daemon.events.snapshot()
 
     def backend_info(self, mountpoint: str) -> dict[str, Any]:
         entry = self._mounted(mountpoint)

@@ -26,6 +26,7 @@ import uvloop
 from vhostfs.api import ApiServer
 from vhostfs.daemon.config import DaemonConfig, MountConfig, SocketPath
 from vhostfs.daemon.controller import DaemonController
+from vhostfs.daemon.events import ErrorEvents
 from vhostfs.daemon.state import DaemonState, Lifecycle
 from vhostfs.daemon.table import MountTable
 from vhostfs.fuse.dispatch import Dispatcher
@@ -44,6 +45,7 @@ class Daemon:
         # One FUSE session per front-end connection; kept for the exit metrics.
         self._sessions: list[Dispatcher] = []
         self._api: ApiServer | None = None
+        self.events = ErrorEvents()  # recent errors, for the API; attached while serving
         self._serving: asyncio.Task[None] | None = None
 
     @property
@@ -62,6 +64,7 @@ class Daemon:
         """Raises MountError when an initial mount cannot open, OSError when a socket cannot be
         bound; everything is closed again either way."""
         self._serving = asyncio.current_task()
+        logging.getLogger().addHandler(self.events)
         try:
             for mountpoint, mount in self.config.mounts:
                 await self.mounts.add(mountpoint, mount)
@@ -120,3 +123,4 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(listen.path)
         self._lifecycle.move(DaemonState.STOPPED)
+        logging.getLogger().removeHandler(self.events)
