@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from vhostfs import __version__
 from vhostfs.api import ApiError, MountCommand
+from vhostfs.daemon import metrics
 from vhostfs.daemon.config import MountConfig, PassthroughMountConfig, RafsMountConfig
 from vhostfs.daemon.mount import MountError, RafsMount
 from vhostfs.daemon.state import DaemonState
@@ -104,27 +105,33 @@ class DaemonController:
     # --- Metrics ---------------------------------------------------------------------------
 
     def metrics(self, kind: str, mount_id: str | None, latest: bool) -> Any:
-        rafs = [e for e in self._daemon.mounts if isinstance(e.mount, RafsMount)]
-        if mount_id is not None:
-            rafs = [e for e in rafs if e.mountpoint == mount_id]
-        if not rafs:
-            raise ApiError(404, f"metrics: no RAFS mount {mount_id or ''}".strip())
-        if kind in ("files", "pattern"):
-            raise ApiError(
-                404, f"metrics: {kind} are not collected (iostats_files, access_pattern)"
-            )
-        assert isinstance(rafs[0].mount, RafsMount)
-        return rafs[0].mount.storage.metrics.snapshot()
+        entry = self._rafs_mount(mount_id)
+        assert isinstance(entry.mount, RafsMount)
+        storage = entry.mount.storage
+        if kind == "fops":
+            requests, errors = self._daemon.request_counts()
+            return metrics.fs_metrics(entry.mountpoint, storage, requests, errors)
+        if kind == "backend":
+            return metrics.backend_metrics(storage)
+        if kind == "blobcache":
+            return metrics.blobcache_metrics(storage)
+        raise ApiError(404, f"metrics: {kind} are not collected (iostats_files, access_pattern)")
 
     def prometheus(self) -> str:
         lines = [f'vhostfs_up{{state="{self._daemon.state.value}"}} 1']
+        requests, errors = self._daemon.request_counts()
+        lines += metrics.prometheus_requests(requests, errors)
         for entry in self._daemon.mounts:
             if isinstance(entry.mount, RafsMount):
-                snapshot = entry.mount.storage.metrics.snapshot()
-                for name, value in sorted(snapshot.items()):
-                    if isinstance(value, int):
-                        lines.append(f'vhostfs_{name}{{mountpoint="{entry.mountpoint}"}} {value}')
+                lines += metrics.prometheus_lines(entry.mountpoint, entry.mount.storage)
         return "\n".join(lines) + "\n"
+
+    def _rafs_mount(self, mount_id: str | None) -> MountedFs:
+        """The RAFS mount `mount_id` names (its mountpoint), or the first one, as nydusd."""
+        for entry in self._daemon.mounts:
+            if isinstance(entry.mount, RafsMount) and mount_id in (None, entry.mountpoint):
+                return entry
+        raise ApiError(404, f"metrics: no RAFS mount {mount_id or ''}".rstrip())
 
     def _mounted(self, mountpoint: str) -> MountedFs:
         entry = self._daemon.mounts.get(mountpoint)

@@ -93,6 +93,16 @@ class Daemon:
     async def remount(self, mountpoint: str, config: MountConfig) -> None:
         await self.mounts.replace(mountpoint, config)
 
+    def request_counts(self) -> tuple[Counter[str], Counter[str]]:
+        """FUSE requests seen and requests answered with an errno, by opcode name, over every
+        session so far."""
+        requests: Counter[str] = Counter()
+        errors: Counter[str] = Counter()
+        for session in self._sessions:
+            requests.update(session.opcode_counts())
+            errors.update(session.error_counts())
+        return requests, errors
+
     def _listen(self) -> socket.socket:
         listen = self.config.listen
         if isinstance(listen, SocketPath):
@@ -111,9 +121,7 @@ class Daemon:
             session.cancel()
             await session.drain()
         if self.state is DaemonState.RUNNING:
-            fops: Counter[str] = Counter()
-            for session in self._sessions:
-                fops.update(session.opcode_counts())
+            fops, _ = self.request_counts()
             # Requests are counted per session, not per mount yet: each mount reports them all.
             for entry in self.mounts:
                 entry.mount.report(fops)

@@ -99,6 +99,7 @@ class Dispatcher:
     def __init__(self, ops: Operations) -> None:
         self._ops = ops
         self.opcodes: Counter[int] = Counter()  # requests seen, by opcode, for the metrics
+        self.errors: Counter[int] = Counter()  # requests answered with an errno, by opcode
         self.failures = FailureLog()
         self._conn: ConnInfo | None = None  # None until INIT succeeds, and again after DESTROY
         self._running: set[asyncio.Task[Reply]] = set()
@@ -130,6 +131,10 @@ class Dispatcher:
     def opcode_counts(self) -> dict[str, int]:
         """Requests seen so far, by opcode name (unknown opcodes by number)."""
         return {_opcode_name(op): count for op, count in sorted(self.opcodes.items())}
+
+    def error_counts(self) -> dict[str, int]:
+        """Requests answered with an errno so far, by opcode name."""
+        return {_opcode_name(op): count for op, count in sorted(self.errors.items())}
 
     def handle(self, req: GuestRequest) -> None:
         """Serve one request; its reply may be written now or, if the fs suspends, later."""
@@ -334,6 +339,7 @@ class Dispatcher:
         self._refuse(req, opcode, unique, err)
 
     def _refuse(self, req: GuestRequest, opcode: int, unique: int, err: int) -> None:
+        self.errors[opcode] += 1
         if opcode in _NO_REPLY_OPCODES:
             req.complete(0)
         else:

@@ -6,6 +6,7 @@ and an increment costs what an attribute store costs.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from typing import Any, Final
 
@@ -28,6 +29,15 @@ class LatencyHistogram:
         return {"le_us": [*bounds, None], "counts": list(self.counts)}
 
 
+# nydusd's classes for its API (utils/src/metrics.rs): read sizes < 1K, 1K.., 4K.., 16K..,
+# 64K.., 128K.., 512K.., 1M..; read latencies <= 200 µs, 1 ms, 20 ms, 50 ms, 500 ms, 1 s, 2 s,
+# and longer.
+READ_SIZE_CLASSES: Final = (1 << 10, 4 << 10, 16 << 10, 64 << 10, 128 << 10, 512 << 10, 1 << 20)
+READ_LATENCY_CLASSES_NS: Final = tuple(
+    us * 1000 for us in (200, 1000, 20_000, 50_000, 500_000, 1_000_000, 2_000_000)
+)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.fops: Counter[str] = Counter()  # by opcode name ("READ"...), merged in by the daemon
@@ -42,10 +52,14 @@ class Metrics:
         self.digest_failures = 0
         self.chunk_errors = 0  # chunks that failed to fetch, decode or verify (digest included)
         self.read_latency = LatencyHistogram()
+        self.read_size_classes = [0] * (len(READ_SIZE_CLASSES) + 1)
+        self.read_latency_classes = [0] * (len(READ_LATENCY_CLASSES_NS) + 1)
 
     def observe_read(self, size: int, elapsed_ns: int) -> None:
         self.read_bytes += size
         self.read_latency.observe_ns(elapsed_ns)
+        self.read_size_classes[bisect_right(READ_SIZE_CLASSES, size)] += 1
+        self.read_latency_classes[bisect_left(READ_LATENCY_CLASSES_NS, elapsed_ns)] += 1
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of every counter."""

@@ -1,0 +1,96 @@
+"""The metrics endpoints against a real daemon that served real reads through the pseudo root."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.support import fuse_client as fc
+from tests.support.frontend import Frontend
+from tests.support.guest import GuestMemory
+from tests.support.nydusd import Nydusd
+from tests.support.paths import NYDUS_FIXTURES
+from vhostfs.daemon.metrics import FOPS
+
+V6 = NYDUS_FIXTURES / "v6" / "rafs-v6-2.2.boot"
+QUEUE = 1
+MOUNTPOINT = "/rafs/c1/lowerdir"
+
+
+def config(cache: Path) -> str:
+    return json.dumps(
+        {
+            "device": {
+                "backend": {"type": "localfs", "config": {"dir": str(V6.parent)}},
+                "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}},
+            },
+            "mode": "direct",
+            "digest_validate": True,
+        }
+    )
+
+
+def read_lib_rs(frontend: Frontend) -> int:
+    """Look up and read /rafs/c1/lowerdir/lib.rs in 4 KiB requests, plus one stale getattr."""
+    frontend.init()
+    frontend.start()
+    assert fc.parse_out_header(frontend.request(QUEUE, fc.init(), 16 + 64)).error == 0
+    node = 1
+    for name in (b"rafs", b"c1", b"lowerdir", b"lib.rs"):
+        reply = frontend.request(QUEUE, fc.lookup(node, name), 16 + 128)
+        node = fc.parse_entry_out(reply[16:]).nodeid
+    fh = fc.parse_open_out(frontend.request(QUEUE, fc.open_(node), 16 + 16)[16:])[0]
+    reads = 0
+    for offset in range(0, 16931, 4096):
+        assert len(frontend.request(QUEUE, fc.read(node, fh, offset, 4096), 16 + 4096)) > 16
+        reads += 1
+    stale = frontend.request(QUEUE, fc.getattr_(1 << 56 | 99), 16 + 104)
+    assert fc.parse_out_header(stale).error != 0
+    return reads
+
+
+def test_metrics_after_real_reads(tmp_path: Path) -> None:
+    argv = ["virtiofs", "--apisock", str(tmp_path / "api.sock"), "--sock", str(tmp_path / "s")]
+    daemon = Nydusd(argv, tmp_path, tmp_path / "api.sock", tmp_path / "daemon.log")
+    try:
+        daemon.wait_running()
+        body = {"fs_type": "rafs", "source": str(V6), "config": config(tmp_path / "cache")}
+        made = daemon.api.post(f"/api/v1/mount?mountpoint={MOUNTPOINT}", json=body)
+        assert made.status_code == 204
+        # The daemon ends when its front-end leaves, as nydusd does: ask while it is there.
+        with GuestMemory(((0x10_0000, 8 << 20),)) as mem:
+            frontend = Frontend(tmp_path / "s", mem)
+            try:
+                reads = read_lib_rs(frontend)
+                check_metrics(daemon, reads, tmp_path)
+            finally:
+                frontend.close()
+    finally:
+        daemon.close()
+
+
+def check_metrics(daemon: Nydusd, reads: int, tmp_path: Path) -> None:
+    fs = daemon.api.get("/api/v1/metrics", params={"id": MOUNTPOINT}).json()
+    assert fs["id"] == MOUNTPOINT and fs["data_read"] == 16931
+    assert fs["fop_hits"][FOPS.index("READ")] == reads
+    assert fs["fop_hits"][FOPS.index("LOOKUP")] == 4
+    assert fs["fop_errors"][FOPS.index("GETATTR")] == 1
+    # Four 4 KiB reads in nydusd's "4K.." class, the 547-byte tail in "< 1K".
+    assert fs["block_count_read"] == [1, 0, reads - 1, 0, 0, 0, 0, 0]
+    assert sum(fs["read_latency_dist"]) == reads
+    assert fs["measure_latency"] is False and fs["fop_cumulative_latency_total"] == [0] * 15
+
+    backend = daemon.api.get("/api/v1/metrics/backend").json()  # no id: the first mount
+    assert backend["backend_type"] == "localfs" and backend["read_count"] >= 1
+    assert backend["read_errors"] == 0 and backend["read_amount_total"] > 0
+    cache = daemon.api.get("/api/v1/metrics/blobcache", params={"id": MOUNTPOINT}).json()
+    assert cache["store_path"] == str(tmp_path / "cache")
+    assert cache["total"] >= cache["whole_hits"] and cache["total"] > 0
+
+    for missing in ("/api/v1/metrics/files", "/api/v1/metrics/pattern"):
+        assert daemon.api.get(missing).status_code == 404
+    assert daemon.api.get("/api/v1/metrics", params={"id": "/nope"}).status_code == 404
+
+    text = daemon.api.get("/metrics").text
+    assert 'vhostfs_fuse_requests_total{opcode="READ"} ' + str(reads) in text
+    assert f'vhostfs_read_bytes_total{{mountpoint="{MOUNTPOINT}"}} 16931' in text
