@@ -128,11 +128,16 @@ class Vfs(Operations):
         if not entry.node_id:
             return entry  # negative entries count nothing
         self._lookups[index] += 1
-        attr = replace(entry.attr, st_ino=_fold(index, entry.attr.st_ino))
-        return replace(entry, node_id=_node(index, entry.node_id), attr=attr)
+        return EntryOut(
+            _node(index, entry.node_id),
+            _with_ino(entry.attr, _fold(index, entry.attr.st_ino)),
+            entry.entry_timeout,
+            entry.attr_timeout,
+            entry.generation,
+        )
 
     def _attr_out(self, index: int, out: AttrOut) -> AttrOut:
-        return replace(out, attr=replace(out.attr, st_ino=_fold(index, out.attr.st_ino)))
+        return AttrOut(_with_ino(out.attr, _fold(index, out.attr.st_ino)), out.timeout)
 
     # --- Session ---------------------------------------------------------------------------
 
@@ -489,6 +494,26 @@ class Vfs(Operations):
             for position, (name, ino) in enumerate(names)
             if position >= offset
         ]
+
+
+def _with_ino(a: Attr, st_ino: int) -> Attr:
+    # A new Attr (the mounted fs may cache its own), built positionally: dataclasses.replace
+    # costs several times as much, on every LOOKUP and GETATTR.
+    return Attr(
+        st_ino,
+        a.st_mode,
+        a.st_nlink,
+        a.st_uid,
+        a.st_gid,
+        a.st_rdev,
+        a.st_size,
+        a.st_blocks,
+        a.st_blksize,
+        a.st_atime_ns,
+        a.st_mtime_ns,
+        a.st_ctime_ns,
+        a.flags,
+    )
 
 
 def _fold(index: int, st_ino: int) -> int:
