@@ -131,6 +131,8 @@ def test_metrics_endpoints_pass_id_and_latest() -> None:
         assert json.loads(call(controller, "GET", path).body)["kind"] == kind
     inflight = call(controller, "GET", "/api/v1/metrics/inflight")
     assert inflight.status == 501
+    for method in ("GET", "PUT", "DELETE"):
+        assert call(controller, method, "/api/v2/blobs").status == 501
 
 
 def test_prometheus_text() -> None:

@@ -217,6 +217,9 @@ async def _exit(controller: Controller, request: ApiRequest) -> ApiResponse:
 @_route("/api/v1/daemon/fuse/sendfd", "PUT", "any")
 @_route("/api/v1/daemon/fuse/takeover", "PUT", "any")
 @_route("/api/v1/metrics/inflight", "GET", "any")
+@_route("/api/v2/blobs", "GET", "any")  # blob-cache objects: nydusd's singleton/fscache modes
+@_route("/api/v2/blobs", "PUT", "any")
+@_route("/api/v2/blobs", "DELETE", "any")
 async def _not_in_virtiofs(controller: Controller, request: ApiRequest) -> ApiResponse:
     raise ApiError(501, "Unsupported: not available in virtiofs mode")
 
