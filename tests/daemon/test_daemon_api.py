@@ -1,4 +1,4 @@
-"""The metrics endpoints against a real daemon that served real reads through the pseudo root."""
+"""The daemon behind its API with a front-end attached: metrics after real reads, and a remount."""
 
 from __future__ import annotations
 
@@ -94,3 +94,46 @@ def check_metrics(daemon: Nydusd, reads: int, tmp_path: Path) -> None:
     text = daemon.api.get("/metrics").text
     assert 'vhostfs_fuse_requests_total{opcode="READ"} ' + str(reads) in text
     assert f'vhostfs_read_bytes_total{{mountpoint="{MOUNTPOINT}"}} 16931' in text
+
+
+def test_remount_swaps_the_image_under_a_running_guest(tmp_path: Path) -> None:
+    v5 = NYDUS_FIXTURES / "v5" / "sha256-nocompress-repeatable"
+    argv = ["virtiofs", "--apisock", str(tmp_path / "api.sock"), "--sock", str(tmp_path / "s")]
+    daemon = Nydusd(argv, tmp_path, tmp_path / "api.sock", tmp_path / "daemon.log")
+
+    def names(frontend: Frontend) -> list[bytes]:
+        node = 1
+        for name in (b"rafs", b"c1", b"lowerdir"):
+            reply = frontend.request(QUEUE, fc.lookup(node, name), 16 + 128)
+            node = fc.parse_entry_out(reply[16:]).nodeid
+        fh = fc.parse_open_out(frontend.request(QUEUE, fc.opendir(node), 16 + 16)[16:])[0]
+        listing = frontend.request(QUEUE, fc.readdir(node, fh), 16 + 4096)[16:]
+        return sorted(d.name for d in fc.parse_dirents(listing) if d.name not in (b".", b".."))
+
+    try:
+        daemon.wait_running()
+        body = {"fs_type": "rafs", "source": str(V6), "config": config(tmp_path / "cache")}
+        made = daemon.api.post(f"/api/v1/mount?mountpoint={MOUNTPOINT}", json=body)
+        assert made.status_code == 204
+        with GuestMemory(((0x10_0000, 8 << 20),)) as mem:
+            frontend = Frontend(tmp_path / "s", mem)
+            try:
+                frontend.init()
+                frontend.start()
+                assert fc.parse_out_header(frontend.request(QUEUE, fc.init(), 16 + 64)).error == 0
+                assert names(frontend) == [b"lib.rs", b"sync_io.rs"]
+
+                bad = {"fs_type": "rafs", "source": str(tmp_path / "missing"), "config": "{}"}
+                refused = daemon.api.put(f"/api/v1/mount?mountpoint={MOUNTPOINT}", json=bad)
+                assert refused.status_code == 500
+                assert names(frontend) == [b"lib.rs", b"sync_io.rs"], "a bad remount keeps the old"
+
+                swap = {"fs_type": "rafs", "source": str(v5), "config": config(tmp_path / "c5")}
+                swap["config"] = swap["config"].replace(str(V6.parent), str(v5.parent))
+                swapped = daemon.api.put(f"/api/v1/mount?mountpoint={MOUNTPOINT}", json=swap)
+                assert swapped.status_code == 204, swapped.text
+                assert names(frontend) == [b"hardlink-test", b"normal-file-test", b"symlink-test"]
+            finally:
+                frontend.close()
+    finally:
+        daemon.close()
