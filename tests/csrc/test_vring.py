@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vhostfs._vring import ffi, lib
 
 from tests.support.guest import (
     AVAIL_F_NO_INTERRUPT,
@@ -27,6 +26,7 @@ from tests.support.guest import (
     DriverRing,
     GuestMemory,
 )
+from vhostfs._vring import ffi, lib
 
 MiB = 1 << 20
 U64 = 1 << 64
