@@ -39,6 +39,8 @@ class ApiServer:
                 raise FileExistsError(f"{path} exists and is not a socket")
             os.unlink(path)
         self._server = await asyncio.start_unix_server(self._serve_client, path)
+        # Whoever can connect can mount host directories into the guest: only our own user.
+        os.chmod(path, 0o600)
         self.path = path
 
     async def aclose(self) -> None:
