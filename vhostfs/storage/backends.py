@@ -1,9 +1,7 @@
 """Opening the backend a config names: one factory per backend type.
 
 The config's backend is a tagged union (vhostfs.storage.config.BackendConfig); the factory
-registered under its `kind` builds it. Registry and http-proxy configs parse already, so a mount
-request that names them is checked in full, but their factories refuse until those backends
-exist.
+registered under its `kind` builds it.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from vhostfs.storage.backend_config import (
 )
 from vhostfs.storage.config_fields import ConfigError, UnsupportedConfigError
 from vhostfs.storage.localfs import LocalFsBackend
+from vhostfs.storage.registry_backend import RegistryBackend
 
 # (the backend's config, the name of each blob of the image in table order, the I/O pool)
 BackendFactory = Callable[[BackendConfig, Sequence[str], Executor], BlobBackend]
@@ -49,10 +48,21 @@ def _localfs(config: BackendConfig, blob_names: Sequence[str], executor: Executo
     )
 
 
+def _registry(config: BackendConfig, blob_names: Sequence[str], executor: Executor) -> BlobBackend:
+    assert isinstance(config, RegistryConfig)
+    # Refused rather than ignored: a config that names a proxy expects its traffic to go there.
+    if config.proxy.url:
+        raise UnsupportedConfigError("device.backend.config.proxy: not supported yet")
+    if config.mirrors:
+        raise UnsupportedConfigError("device.backend.config.mirrors: not supported yet")
+    return RegistryBackend.from_config(config)
+
+
 def _not_yet(kind: str) -> BackendFactory:
     def refuse(config: BackendConfig, blob_names: Sequence[str], executor: Executor) -> BlobBackend:
         raise UnsupportedConfigError(
-            f"device.backend.type: the {kind!r} backend is not supported yet (only localfs)"
+            f"device.backend.type: the {kind!r} backend is not supported yet "
+            f"(only localfs and registry)"
         )
 
     return refuse
@@ -60,6 +70,6 @@ def _not_yet(kind: str) -> BackendFactory:
 
 BACKEND_FACTORIES: Final[dict[str, BackendFactory]] = {
     LocalFsConfig.kind: _localfs,
-    RegistryConfig.kind: _not_yet(RegistryConfig.kind),
+    RegistryConfig.kind: _registry,
     HttpProxyConfig.kind: _not_yet(HttpProxyConfig.kind),
 }

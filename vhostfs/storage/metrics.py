@@ -40,6 +40,7 @@ class Metrics:
         self.prefetch_requests = 0
         self.prefetch_bytes = 0  # backend bytes fetched on behalf of prefetch
         self.digest_failures = 0
+        self.chunk_refetches = 0  # chunks fetched again because their bytes did not decode
         self.chunk_errors = 0  # chunks that failed to fetch, decode or verify (digest included)
         self.read_latency = LatencyHistogram()
 
@@ -60,6 +61,7 @@ class Metrics:
             "prefetch_requests": self.prefetch_requests,
             "prefetch_bytes": self.prefetch_bytes,
             "digest_failures": self.digest_failures,
+            "chunk_refetches": self.chunk_refetches,
             "chunk_errors": self.chunk_errors,
             "read_latency": self.read_latency.snapshot(),
         }
