@@ -18,11 +18,28 @@ from vhostfs.storage.registry import Credentials, RegistryClient, RegistryOption
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_TAR_LAYER = "application/vnd.oci.image.layer.v1.tar"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 
 
 def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 20):
+            hasher.update(piece)
+    return "sha256:" + hasher.hexdigest()
+
+
+def tar_layer_file(directory: Path, out: Path) -> Path:
+    """An uncompressed tar layer of the tree under `directory`, for big trees (a rootfs)."""
+    with tarfile.open(out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(directory.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
+    return out
 
 
 def layer_from_directory(directory: Path, whiteouts: Sequence[str] = ()) -> bytes:
@@ -52,13 +69,13 @@ def push_image(
     host: str,
     repo: str,
     tag: str,
-    layers: Sequence[bytes],
+    layers: Sequence[bytes | Path],
     *,
     credentials: Credentials | None = None,
     architecture: str = "amd64",
     index_with: Sequence[str] = (),
 ) -> PushedImage:
-    """Push an OCI image of these tar.gz layers under `tag`. With `index_with` (other
+    """Push an OCI image of these layers (tar.gz bytes, or uncompressed tar files) under `tag`. With `index_with` (other
     architectures), `tag` names an index of one manifest per architecture, all with the same
     layers, each config saying its architecture."""
 
@@ -68,7 +85,10 @@ def push_image(
         )
         async with RegistryClient(options) as client:
             for layer in layers:
-                await client.push_blob(digest_of(layer), layer)
+                if isinstance(layer, Path):
+                    await client.push_blob_file(file_digest(layer), layer)
+                else:
+                    await client.push_blob(digest_of(layer), layer)
             entries = []
             for arch in (architecture, *index_with):
                 manifest = await _push_manifest(client, layers, arch)
@@ -93,13 +113,29 @@ def push_image(
                     ],
                 }
                 digest = await client.put_manifest(tag, json.dumps(index).encode(), OCI_INDEX)
-            return PushedImage(digest, tuple(digest_of(layer) for layer in layers))
+            return PushedImage(digest, tuple(str(_descriptor(layer)["digest"]) for layer in layers))
 
     return asyncio.run(go())
 
 
-async def _push_manifest(client: RegistryClient, layers: Sequence[bytes], arch: str) -> bytes:
-    diff_ids = [digest_of(gzip.decompress(layer)) for layer in layers]
+def _descriptor(layer: bytes | Path) -> dict[str, object]:
+    if isinstance(layer, Path):
+        return {
+            "mediaType": OCI_TAR_LAYER,
+            "digest": file_digest(layer),
+            "size": layer.stat().st_size,
+        }
+    return {"mediaType": OCI_LAYER, "digest": digest_of(layer), "size": len(layer)}
+
+
+def _diff_id(layer: bytes | Path) -> str:
+    return file_digest(layer) if isinstance(layer, Path) else digest_of(gzip.decompress(layer))
+
+
+async def _push_manifest(
+    client: RegistryClient, layers: Sequence[bytes | Path], arch: str
+) -> bytes:
+    diff_ids = [_diff_id(layer) for layer in layers]
     config = json.dumps(
         {
             "architecture": arch,
@@ -114,9 +150,6 @@ async def _push_manifest(client: RegistryClient, layers: Sequence[bytes], arch: 
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "config": {"mediaType": OCI_CONFIG, "digest": digest_of(config), "size": len(config)},
-        "layers": [
-            {"mediaType": OCI_LAYER, "digest": digest_of(layer), "size": len(layer)}
-            for layer in layers
-        ],
+        "layers": [_descriptor(layer) for layer in layers],
     }
     return json.dumps(manifest).encode()
