@@ -187,15 +187,6 @@ def test_http_proxy_cannot_be_opened_yet(tmp_path: Path) -> None:
         open_storage(config, [blob.info])
 
 
-def test_a_registry_with_mirrors_or_a_proxy_is_refused_not_ignored(tmp_path: Path) -> None:
-    blob = build_blob(tmp_path)
-    with pytest.raises(UnsupportedConfigError, match=r"config\.mirrors: not supported yet"):
-        open_storage(parse_config(config_with(REGISTRY)), [blob.info])
-    proxied = {"type": "registry", "config": {"host": "h", "repo": "r", "proxy": {"url": "x"}}}
-    with pytest.raises(UnsupportedConfigError, match=r"config\.proxy: not supported yet"):
-        open_storage(parse_config(config_with(proxied)), [blob.info])
-
-
 # --- Secrets ---------------------------------------------------------------------------------
 
 

@@ -75,9 +75,9 @@ def push_image(
     architecture: str = "amd64",
     index_with: Sequence[str] = (),
 ) -> PushedImage:
-    """Push an OCI image of these layers (tar.gz bytes, or uncompressed tar files) under `tag`. With `index_with` (other
-    architectures), `tag` names an index of one manifest per architecture, all with the same
-    layers, each config saying its architecture."""
+    """Push an OCI image of these layers (tar.gz bytes, or uncompressed tar files) under
+    `tag`. With `index_with` (other architectures), `tag` names an index of one manifest per
+    architecture, all with the same layers, each config saying its architecture."""
 
     async def go() -> PushedImage:
         options = RegistryOptions(

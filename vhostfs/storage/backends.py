@@ -50,11 +50,6 @@ def _localfs(config: BackendConfig, blob_names: Sequence[str], executor: Executo
 
 def _registry(config: BackendConfig, blob_names: Sequence[str], executor: Executor) -> BlobBackend:
     assert isinstance(config, RegistryConfig)
-    # Refused rather than ignored: a config that names a proxy expects its traffic to go there.
-    if config.proxy.url:
-        raise UnsupportedConfigError("device.backend.config.proxy: not supported yet")
-    if config.mirrors:
-        raise UnsupportedConfigError("device.backend.config.mirrors: not supported yet")
     return RegistryBackend.from_config(config)
 
 

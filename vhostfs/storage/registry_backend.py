@@ -53,6 +53,8 @@ def registry_options(
         first_byte_timeout=float(config.timeout),
         idle_timeout=float(config.timeout),
         retry_limit=config.retry_limit,
+        proxy=config.proxy if config.proxy.url else None,
+        mirrors=config.mirrors,
     )
 
 

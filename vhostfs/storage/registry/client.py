@@ -38,9 +38,11 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from vhostfs.storage.backend_config import MirrorConfig, ProxyConfig
 from vhostfs.storage.registry.auth import Authenticator, Credentials
 from vhostfs.storage.registry.challenge import ChallengeError, parse_challenge
 from vhostfs.storage.registry.errors import RegistryError
+from vhostfs.storage.registry.routes import Routes
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ class RegistryOptions:
     retry_limit: int = 0
     max_connections: int = 16
     http2: bool = False
+    proxy: ProxyConfig | None = None  # Dragonfly's dfdaemon as a forward proxy
+    mirrors: tuple[MirrorConfig, ...] = ()  # or the older mirror list (vhostfs...routes)
 
     @property
     def origin(self) -> str:
@@ -124,14 +128,27 @@ class RegistryClient:
             max_connections=options.max_connections,
             max_keepalive_connections=options.max_connections,
         )
-        self._http = httpx.AsyncClient(
-            verify=_tls_context(options),
-            timeout=timeout,
-            limits=limits,
-            http2=options.http2,
-            follow_redirects=False,
-            trust_env=False,  # a proxy is configured explicitly, never picked up from the env
-            headers={"User-Agent": "vhostfs"},
+        verify = _tls_context(options)
+
+        def make_client(proxy: str | None) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                verify=verify,
+                timeout=timeout,
+                limits=limits,
+                http2=options.http2,
+                follow_redirects=False,
+                trust_env=False,  # a proxy is configured explicitly, never taken from the env
+                headers={"User-Agent": "vhostfs"},
+                proxy=proxy,
+            )
+
+        self._http = make_client(None)
+        self.routes = Routes(
+            options.proxy,
+            options.mirrors,
+            make_client,
+            timeout=options.first_byte_timeout,
+            clock=clock,
         )
         self.auth = Authenticator(self._http, options.credentials, clock=clock)
         self._redirects: dict[str, _Redirect] = {}
@@ -144,6 +161,7 @@ class RegistryClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        await self.routes.aclose()
         await self._http.aclose()
 
     @property
@@ -482,8 +500,7 @@ class RegistryClient:
         request = self._http.build_request(method, url, headers=all_headers, content=content)
         self.requests += 1
         try:
-            async with asyncio.timeout(self.options.first_byte_timeout or None):
-                return await self._http.send(request, stream=True)
+            return await self.routes.send(self._http, request)
         except TimeoutError:
             raise RegistryError(
                 f"{method} {_redact(url)}: no answer within {self.options.first_byte_timeout} s",
