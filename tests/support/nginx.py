@@ -73,7 +73,15 @@ class Nginx:
 
 
 @contextlib.contextmanager
-def running_nginx(directory: Path, upstream: str) -> Iterator[Nginx]:
+def running_nginx(
+    directory: Path,
+    upstream: str | None = None,
+    *,
+    root: Path | None = None,
+    unix_socket: Path | None = None,
+) -> Iterator[Nginx]:
+    """nginx proxying to `upstream`, or serving the files under `root` (with Range support),
+    on a TCP port and, if given, on `unix_socket` too."""
     if NGINX is None:
         pytest.skip("nginx is not installed (qemu/setup.sh installs nginx-light)")
     directory.mkdir(parents=True, exist_ok=True)
@@ -106,8 +114,9 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         location = /health {{ return 200 "ok"; }}
+        {f"listen unix:{unix_socket};" if unix_socket else ""}
         location / {{
-            proxy_pass {upstream};
+            {f"root {root};" if root else f"proxy_pass {upstream};"}
             proxy_buffering off;
             proxy_http_version 1.1;
         }}

@@ -17,7 +17,8 @@ from vhostfs.storage.backend_config import (
     LocalFsConfig,
     RegistryConfig,
 )
-from vhostfs.storage.config_fields import ConfigError, UnsupportedConfigError
+from vhostfs.storage.config_fields import ConfigError
+from vhostfs.storage.http_proxy import HttpProxyBackend
 from vhostfs.storage.localfs import LocalFsBackend
 from vhostfs.storage.registry_backend import RegistryBackend
 
@@ -53,18 +54,15 @@ def _registry(config: BackendConfig, blob_names: Sequence[str], executor: Execut
     return RegistryBackend.from_config(config)
 
 
-def _not_yet(kind: str) -> BackendFactory:
-    def refuse(config: BackendConfig, blob_names: Sequence[str], executor: Executor) -> BlobBackend:
-        raise UnsupportedConfigError(
-            f"device.backend.type: the {kind!r} backend is not supported yet "
-            f"(only localfs and registry)"
-        )
-
-    return refuse
+def _http_proxy(
+    config: BackendConfig, blob_names: Sequence[str], executor: Executor
+) -> BlobBackend:
+    assert isinstance(config, HttpProxyConfig)
+    return HttpProxyBackend.from_config(config)
 
 
 BACKEND_FACTORIES: Final[dict[str, BackendFactory]] = {
     LocalFsConfig.kind: _localfs,
     RegistryConfig.kind: _registry,
-    HttpProxyConfig.kind: _not_yet(HttpProxyConfig.kind),
+    HttpProxyConfig.kind: _http_proxy,
 }

@@ -21,8 +21,8 @@ e.g. `device.backend.config.dir: expected a string`. What is kept is honoured, o
 
 Backends: the config's backend is a tagged union (`BackendConfig`), one dataclass per type,
 opened by the factory registered for its type (vhostfs.storage.backends). `localfs` works;
-`registry` works; `http-proxy` is parsed into its typed config but cannot be opened yet; `oss`,
-`s3` and `localdisk` are refused with "not supported".
+`registry` and `http-proxy` work too; `oss`, `s3` and `localdisk` are refused with "not
+supported yet".
 
 Credentials (`auth`, `registry_token`, mirror headers) are Secrets: no repr, str, log line or
 `RafsConfig.redacted()` copy shows them.
@@ -243,7 +243,7 @@ def _backend(backend: JsonObject, *, v2: bool = False) -> BackendConfig:
     if kind in _REFUSED_BACKENDS:
         raise UnsupportedConfigError(
             f"{backend.path('type')}: the {kind!r} backend is not supported yet "
-            f"(only localfs and registry)"
+            f"(only localfs, registry and http-proxy)"
         )
     parse = BACKEND_PARSERS.get(kind)
     if parse is None:

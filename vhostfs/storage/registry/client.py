@@ -208,8 +208,8 @@ class RegistryClient:
                 raise _status_error(response, f"blob {digest} range {offset}+{size}")
             if own and str(response.url) != url:
                 self._redirects[digest] = _Redirect(str(response.url), self._clock() + REDIRECT_TTL)
-            _check_range(response, digest, offset, size)
-            return await _read_exactly(response, size, f"blob {digest} range {offset}+{size}")
+            check_range(response, digest, offset, size)
+            return await read_exactly(response, size, f"blob {digest} range {offset}+{size}")
         finally:
             await response.aclose()
 
@@ -555,7 +555,7 @@ def _retry_after(value: str | None) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
-def _check_range(response: httpx.Response, digest: str, offset: int, size: int) -> None:
+def check_range(response: httpx.Response, digest: str, offset: int, size: int) -> None:
     what = f"blob {digest} range {offset}+{size}"
     content_range = response.headers.get("Content-Range")
     if content_range is not None:
@@ -574,7 +574,7 @@ def _check_range(response: httpx.Response, digest: str, offset: int, size: int) 
         raise RegistryError(f"{what}: the server ignored the Range header", retryable=False)
 
 
-async def _read_exactly(response: httpx.Response, size: int, what: str) -> bytes:
+async def read_exactly(response: httpx.Response, size: int, what: str) -> bytes:
     """The first `size` body bytes; a body that ends sooner is a (retryable) short read."""
     data = bytearray()
     try:
