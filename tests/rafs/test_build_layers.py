@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from vhostfs.rafs.build import BuildOptions, build_image
 from vhostfs.rafs.image import open_image
 from vhostfs.storage import RafsConfig, SyncStorage
@@ -61,3 +63,26 @@ def test_without_blob_per_layer_the_layers_share_one_blob(tmp_path: Path) -> Non
         (tmp_path / name / name).write_bytes(os.urandom(CHUNK))
     result = build_image([tmp_path / "a", tmp_path / "b"], tmp_path / "out", BuildOptions(CHUNK))
     assert result.blob is not None and result.blob.chunk_count == 2
+
+
+def test_prefetch_patterns_become_the_prefetch_table(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tree = tmp_path / "tree"
+    (tree / "usr" / "bin").mkdir(parents=True)
+    (tree / "usr" / "bin" / "python3").write_bytes(b"elf")
+    (tree / "etc").mkdir()
+    (tree / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+    patterns = (b"/usr/bin", b"/etc/hosts", b"/no/such/path", b"/usr/bin/")
+    options = BuildOptions(prefetch_patterns=patterns)
+    result = build_image([tree], tmp_path / "out", options)
+    with open_image(result.bootstrap) as opened:
+        usr = opened.lookup(opened.root_ino, b"usr")
+        etc = opened.lookup(opened.root_ino, b"etc")
+        assert usr is not None and etc is not None
+        expected = [opened.lookup(usr, b"bin"), opened.lookup(etc, b"hosts")]
+        assert opened.prefetch_table() == expected  # each node once, in pattern order
+    assert "/no/such/path" in caplog.text
+    plain = build_image([tree], tmp_path / "plain", BuildOptions())
+    with open_image(plain.bootstrap) as opened:
+        assert opened.prefetch_table() == []

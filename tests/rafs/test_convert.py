@@ -31,6 +31,7 @@ from vhostfs.rafs.build.nydus_image import (
     extract_bootstrap,
 )
 from vhostfs.rafs.build.remote import fetch_bootstrap
+from vhostfs.rafs.image import open_image
 from vhostfs.storage.registry import Credentials, RegistryClient, RegistryOptions
 
 USERS = {"erin": "pa55"}
@@ -192,6 +193,26 @@ def test_an_index_resolves_to_the_platform_asked_for(tmp_path: Path, registry: R
         ],
     )
     assert refused.exit_code == 1 and "no manifest for platform linux/s390x" in refused.output
+
+
+def test_prefetch_patterns_from_stdin_reach_the_bootstrap(
+    tmp_path: Path, registry: Registry
+) -> None:
+    lower, _, _ = trees(tmp_path)
+    push_image(registry.host, "pf", "1", [layer_from_directory(lower)], credentials=CREDENTIALS)
+    args = ["convert", "--source", f"{registry.host}/pf:1", "--target", f"{registry.host}/pf:n"]
+    args += ["--source-insecure", "--target-insecure", "--prefetch-patterns"]
+    result = CliRunner().invoke(main, args, input="/etc/os-release\n\n/usr/lib\n")
+    assert result.exit_code == 0, result.output
+    bootstrap = bootstrap_of(registry, "pf", "n", tmp_path / "pf.boot")
+    with open_image(bootstrap) as opened:
+        etc = opened.lookup(opened.root_ino, b"etc")
+        usr = opened.lookup(opened.root_ino, b"usr")
+        assert etc is not None and usr is not None
+        expected = [opened.lookup(etc, b"os-release"), opened.lookup(usr, b"lib")]
+        assert opened.prefetch_table() == expected
+    relative = CliRunner().invoke(main, args, input="etc\n")
+    assert relative.exit_code == 1 and "not an absolute path" in relative.output
 
 
 def test_bad_input_fails_in_one_line(tmp_path: Path, registry: Registry) -> None:

@@ -55,7 +55,8 @@ from vhostfs.storage.registry.reference import ImageReferenceError, parse_refere
 @click.option(
     "--prefetch-patterns",
     is_flag=True,
-    help="Read prefetch paths from stdin, one a line (not applied yet: refused).",
+    help="Read prefetch paths from stdin, one a line (absolute; a directory means everything "
+    "below it): they go into the bootstrap's prefetch table.",
 )
 @click.option(
     "--platform",
@@ -77,14 +78,21 @@ def convert_command(
     """Convert SOURCE (an OCI or Docker image) into the nydus image TARGET: one nydus blob per
     layer, chunks deduplicated across layers, a merged bootstrap, pushed as nydusify pushes it
     so that nydus-snapshotter and `vhostfs serve --image` recognise it."""
+    patterns: tuple[bytes, ...] = ()
     if prefetch_patterns:
-        _fail("--prefetch-patterns: prefetch tables are not built yet")
+        patterns = tuple(line.strip().encode() for line in sys.stdin if line.strip())
+        for pattern in patterns:
+            if not pattern.startswith(b"/"):
+                _fail(f"--prefetch-patterns: {pattern.decode()!r} is not an absolute path")
     try:
         source_ref, target_ref = parse_reference(source), parse_reference(target)
     except ImageReferenceError as e:
         _fail(e)
     build = BuildOptions(
-        chunk_size=chunk_size, compressor=Compressor(compressor), blob_per_layer=True
+        chunk_size=chunk_size,
+        compressor=Compressor(compressor),
+        blob_per_layer=True,
+        prefetch_patterns=patterns,
     )
     options = ConvertOptions(build, platform, source_insecure, target_insecure)
     with _clean_errors():

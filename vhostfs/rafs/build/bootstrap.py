@@ -88,9 +88,11 @@ def write_bootstrap(
     chunks: Sequence[Chunk],
     blobs: Sequence[BlobSummary],
     settings: ImageSettings,
+    prefetch: Sequence[Node] = (),
 ) -> int:
     """Write the bootstrap to `path`; returns its size. `blobs` are in blob-table order, and
-    each chunk's blob_index points into them."""
+    each chunk's blob_index points into them. `prefetch` lists the files and directories the
+    prefetch table names (nydusd warms them first), in order."""
     blob_count = len(blobs)
     if blob_count > L.RAFS_V6_MAX_BLOBS:
         raise BuildError(f"{blob_count} blobs: a RAFS v6 image holds at most {L.RAFS_V6_MAX_BLOBS}")
@@ -103,13 +105,18 @@ def write_bootstrap(
     data_end = _place_data_blocks(placements, aligned(inodes_end))
     chunk_table_offset = data_end
     chunk_table = b"".join(_chunk_record(chunk) for chunk in sorted(chunks, key=_by_digest))
-    size = aligned(chunk_table_offset + len(chunk_table))
+    nids = {p.inode.node: (p.offset - meta_base) // L.INODE_SLOT_SIZE for p in placements}
+    prefetch_table = b"".join(L.PREFETCH_ENTRY.pack(nids[node]) for node in prefetch)
+    prefetch_table_offset = chunk_table_offset + len(chunk_table) if prefetch_table else 0
+    size = aligned(chunk_table_offset + len(chunk_table) + len(prefetch_table))
 
     image = bytearray(size)
-    nids = {p.inode.node: (p.offset - meta_base) // L.INODE_SLOT_SIZE for p in placements}
     for placement in placements:
         _write_inode(image, placement, nids, file_chunks, settings)
     image[chunk_table_offset : chunk_table_offset + len(chunk_table)] = chunk_table
+    if prefetch_table:
+        end = prefetch_table_offset + len(prefetch_table)
+        image[prefetch_table_offset:end] = prefetch_table
 
     root_nid = nids[inodes[0].node]
     if root_nid > _ROOT_NID_MAX:
@@ -155,8 +162,8 @@ def write_bootstrap(
         settings.chunk_size,
         chunk_table_offset,
         len(chunk_table),
-        0,  # no prefetch table
-        0,
+        prefetch_table_offset,
+        len(prefetch_table),
     )
     mapped = size  # each blob's place in the flat address space, after the bootstrap's
     for index, blob in enumerate(blobs):

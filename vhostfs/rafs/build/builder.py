@@ -14,6 +14,7 @@ the sources, and parallel compression is written back in order.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ from vhostfs.rafs.build.source import Spool, load_sources
 from vhostfs.rafs.build.tree import Inode, Node, display, number_inodes
 from vhostfs.storage.blob import Compressor, Digester
 
+log = logging.getLogger(__name__)
+
 BOOTSTRAP_NAME = "bootstrap"
 DEFAULT_CHUNK_SIZE = 1 << 20
 
@@ -43,6 +46,8 @@ class BuildOptions:
     digester: Digester = Digester.BLAKE3
     workers: int = min(4, os.cpu_count() or 1)
     blob_per_layer: bool = False  # one blob per source rather than one for the image
+    # Absolute paths in the image for its prefetch table (a directory: everything below it).
+    prefetch_patterns: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +149,25 @@ def _build(
     bootstrap = outdir / BOOTSTRAP_NAME
     partial = outdir / f".{BOOTSTRAP_NAME}.partial"
     try:
-        size = write_bootstrap(partial, inodes, file_chunks, chunks, blobs, settings)
+        prefetch = _prefetch_nodes(root, options.prefetch_patterns)
+        size = write_bootstrap(partial, inodes, file_chunks, chunks, blobs, settings, prefetch)
         os.replace(partial, bootstrap)
     finally:
         partial.unlink(missing_ok=True)
     return BuildResult(bootstrap, size, tuple(blobs), len(inodes), file_bytes, deduplicated)
+
+
+def _prefetch_nodes(root: Node, patterns: Sequence[bytes]) -> list[Node]:
+    """The nodes the patterns name, each once, in pattern order. A pattern that names nothing
+    is skipped with a warning, as nydus-image does: a stale list must not fail a build."""
+    found: list[Node] = []
+    for pattern in patterns:
+        node: Node | None = root
+        for name in pattern.split(b"/"):
+            if name and node is not None:
+                node = node.entries.get(name) if node.is_dir else None
+        if node is None:
+            log.warning("prefetch pattern %r: not in the image", pattern)
+        elif node not in found:
+            found.append(node)
+    return found
