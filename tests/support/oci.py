@@ -75,7 +75,7 @@ def push_image(
     architecture: str = "amd64",
     index_with: Sequence[str] = (),
 ) -> PushedImage:
-    """Push an OCI image of these layers (tar.gz bytes, or uncompressed tar files) under
+    """Push an OCI image of these layers (tar.gz bytes, or tar or .tar.gz files) under
     `tag`. With `index_with` (other architectures), `tag` names an index of one manifest per
     architecture, all with the same layers, each config saying its architecture."""
 
@@ -121,7 +121,7 @@ def push_image(
 def _descriptor(layer: bytes | Path) -> dict[str, object]:
     if isinstance(layer, Path):
         return {
-            "mediaType": OCI_TAR_LAYER,
+            "mediaType": OCI_LAYER if layer.suffix == ".gz" else OCI_TAR_LAYER,
             "digest": file_digest(layer),
             "size": layer.stat().st_size,
         }
@@ -129,7 +129,15 @@ def _descriptor(layer: bytes | Path) -> dict[str, object]:
 
 
 def _diff_id(layer: bytes | Path) -> str:
-    return file_digest(layer) if isinstance(layer, Path) else digest_of(gzip.decompress(layer))
+    if not isinstance(layer, Path):
+        return digest_of(gzip.decompress(layer))
+    if layer.suffix != ".gz":
+        return file_digest(layer)
+    hasher = hashlib.sha256()
+    with gzip.open(layer, "rb") as plain:
+        while piece := plain.read(1 << 20):
+            hasher.update(piece)
+    return "sha256:" + hasher.hexdigest()
 
 
 async def _push_manifest(
