@@ -22,7 +22,9 @@ and decimal), three ways to start:
 The command is timed in the guest (/proc/uptime around `chroot /mnt ...`, 10 ms resolution);
 guest boot is left out, the same for all three. Bytes are what the proxy passed to clients.
 
-Output: a Markdown table (stdout and --out/coldstart.md) and coldstart.json.
+Output: a Markdown table (stdout and --out/coldstart.md), coldstart.json, and a chart of the
+cold-start times (coldstart.png, when gnuplot is installed). `--chart JSON` redraws the table
+and chart from an earlier coldstart.json without running anything.
 """
 
 from __future__ import annotations
@@ -234,11 +236,54 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def chart(results: list[Result], out: Path) -> None:
+    """Grouped bars: cold start per (link, workload), one bar per way to start."""
+    gnuplot = shutil.which("gnuplot")
+    if gnuplot is None:
+        return
+    modes = ["oci", "nydus-cold", "nydus-warm"]
+    groups: dict[str, dict[str, float]] = {}
+    for r in results:
+        label = f"{r.workload.removeprefix('python3 ')}, {r.rate}M"
+        groups.setdefault(label, {})[r.mode] = r.cold_start_s
+    rows = [
+        f'"{name}" ' + " ".join(f"{times[m]:.3f}" for m in modes) for name, times in groups.items()
+    ]
+    (out / "coldstart.dat").write_text("\n".join(rows) + "\n")
+    script = f"""set terminal pngcairo size 1000,480
+set output '{out / "coldstart.png"}'
+set title 'Cold start from a registry (command timed in the guest, plus pull or bootstrap fetch)'
+set ylabel 'seconds'
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set key top right
+set yrange [0:*]
+set xtics noenhanced
+plot '{out / "coldstart.dat"}' using 2:xtic(1) title 'OCIv1 (pull + unpack)', \\
+     '' using 3 title 'nydus cold', '' using 4 title 'nydus warm'
+"""
+    subprocess.run([gnuplot], input=script, text=True, check=True)
+
+
+def load(path: Path) -> list[Result]:
+    fields = ("rate", "workload", "mode", "prepare_s", "guest_s", "fetched")
+    return [Result(**{k: row[k] for k in fields}) for row in json.loads(path.read_text())]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rates", default="100,1000", help="link rates in Mbit/s")
     parser.add_argument("--out", type=Path, default=REPO / "qemu/bench/results/coldstart")
+    parser.add_argument("--chart", type=Path, help="redraw from this coldstart.json only")
     args = parser.parse_args()
+    if args.chart is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        results = load(args.chart)
+        (args.out / "coldstart.md").write_text(table(results) + "\n")
+        chart(results, args.out)
+        print(table(results))
+        return
     ensure_guest_built()
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="vhostfs-coldstart-") as scratch:
@@ -265,6 +310,7 @@ def main() -> None:
     (args.out / "coldstart.json").write_text(
         json.dumps([r.__dict__ | {"cold_start_s": r.cold_start_s} for r in results], indent=1)
     )
+    chart(results, args.out)
     print(report)
 
 
