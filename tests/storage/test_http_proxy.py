@@ -11,7 +11,7 @@ import pytest
 from tests.storage.blobs import build_blob, materialize, refs_for, run
 from tests.support.nginx import Nginx, running_nginx
 from tests.support.vm import short_tempdir
-from vhostfs.storage import StorageError, open_storage, parse_config
+from vhostfs.storage import ConfigError, StorageError, open_storage, parse_config
 from vhostfs.storage.backend_config import HttpProxyConfig
 from vhostfs.storage.errors import BackendError
 from vhostfs.storage.http_proxy import HttpProxyBackend
@@ -64,3 +64,9 @@ def test_a_missing_blob_or_a_bad_id_is_an_error_not_retried(
 
     run(go())
     assert len(nginx.requests()) == 1  # the 404 was not retried
+
+
+def test_an_unreadable_ca_file_is_a_config_error(tmp_path: Path) -> None:
+    config = HttpProxyConfig(addr="https://127.0.0.1:1", ca_cert_files=(str(tmp_path / "no"),))
+    with pytest.raises(ConfigError, match="ca_cert_files"):
+        HttpProxyBackend.from_config(config)

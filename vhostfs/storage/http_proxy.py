@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -44,10 +45,12 @@ class HttpProxyBackend:
             pool=config.connect_timeout or None,
         )
 
+        verify = _tls_context(config)
+
         def make_client(proxy: str | None) -> httpx.AsyncClient:
             transport = httpx.AsyncHTTPTransport(uds=socket) if socket and not proxy else None
             return httpx.AsyncClient(
-                verify=not config.skip_verify,
+                verify=verify,
                 timeout=timeout,
                 trust_env=False,
                 follow_redirects=True,
@@ -64,9 +67,10 @@ class HttpProxyBackend:
 
     @classmethod
     def from_config(cls, config: HttpProxyConfig) -> HttpProxyBackend:
-        if config.ca_cert_files:
-            raise ConfigError("device.backend.config.ca_cert_files: not supported for http-proxy")
-        return cls(config)
+        try:
+            return cls(config)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"device.backend.config.ca_cert_files: {e}") from None
 
     def url(self, blob_id: str) -> str:
         if not _BLOB_ID.fullmatch(blob_id) or blob_id in (".", ".."):
@@ -135,6 +139,15 @@ class HttpProxyBackend:
     async def aclose(self) -> None:
         await self._routes.aclose()
         await self._http.aclose()
+
+
+def _tls_context(config: HttpProxyConfig) -> ssl.SSLContext | bool:
+    if config.skip_verify:
+        return False
+    context = ssl.create_default_context()
+    for path in config.ca_cert_files:
+        context.load_verify_locations(cafile=path)
+    return context
 
 
 def _status_error(status: int, what: str) -> RegistryError:
