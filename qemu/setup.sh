@@ -16,6 +16,8 @@ packages=(
     debootstrap                          # the Debian rootfs the image tests serve
     gnuplot-nox                          # the benchmark chart (qemu/bench.py)
     docker-registry apache2-utils        # a real OCI registry (distribution 2.8) and htpasswd
+    skopeo                               # pushes the demo's OCI image, the cold-start baseline
+    nginx-light                          # stands in for dfdaemon in the proxy tests
     gcc python3-dev python3-venv         # the cffi extension and the virtual environment
 )
 missing=()

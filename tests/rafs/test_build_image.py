@@ -287,7 +287,7 @@ def test_a_directory_of_100000_entries(tmp_path: Path) -> None:
     root = Node(stat.S_IFDIR | 0o755, entries={b"big": big})
     bootstrap = tmp_path / "bootstrap"
     settings = ImageSettings(1 << 20, Compressor.NONE, Digester.BLAKE3)
-    write_bootstrap(bootstrap, number_inodes(root), {}, [], None, settings)
+    write_bootstrap(bootstrap, number_inodes(root), {}, [], [], settings)
 
     with open_image(bootstrap) as opened:
         directory = opened.lookup(opened.root_ino, b"big")

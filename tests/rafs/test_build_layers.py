@@ -1,277 +1,88 @@
-"""Sources: directories and OCI tar layers (plain, gzip, zstd) applied in order, with
-whiteouts, opaque directories, hard links across layers, and tar metadata (pax xattrs,
-nanosecond mtimes, devices, sparse members)."""
+"""Layered builds: one blob per layer, chunks shared across layers, one merged bootstrap."""
 
 from __future__ import annotations
 
-import io
 import os
-import stat
-import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
-import zstandard
 
-from tests.rafs.build_support import build, run_vhostfs
-from tests.rafs.images import open_blobs, read_file
-from vhostfs.rafs import open_image
-from vhostfs.rafs.build import BuildError
-from vhostfs.rafs.build.source import Spool, load_sources
-from vhostfs.rafs.build.tree import Node
+from vhostfs.rafs.build import BuildOptions, build_image
+from vhostfs.rafs.image import open_image
+from vhostfs.storage import RafsConfig, SyncStorage
 
-Member = tuple[tarfile.TarInfo, bytes]
+CHUNK = 64 << 10
 
 
-def regular(name: str, data: bytes = b"", mode: int = 0o644, **fields: object) -> Member:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode = len(data), mode
-    for key, value in fields.items():
-        setattr(info, key, value)
-    return info, data
+def read_file(image: Path, blob_dir: Path, *path: bytes) -> bytes:
+    config = RafsConfig.from_flags(blob_dir=blob_dir)
+    with open_image(image) as opened, SyncStorage(config, opened.blobs, bootstrap=image) as store:
+        ino = opened.root_ino
+        for name in path:
+            found = opened.lookup(ino, name)
+            assert found is not None, name
+            ino = found
+        size = opened.getattr(ino).size
+        return store.read(opened.chunks(ino, 0, size), 0, size)
 
 
-def special(name: str, kind: bytes, **fields: object) -> Member:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
-    for key, value in fields.items():
-        setattr(info, key, value)
-    return info, b""
+def test_each_layer_gets_a_blob_of_its_new_chunks(tmp_path: Path) -> None:
+    shared = os.urandom(4 * CHUNK)
+    lower, upper, top = tmp_path / "lower", tmp_path / "upper", tmp_path / "top"
+    for layer in (lower, upper, top):
+        layer.mkdir()
+    (lower / "shared").write_bytes(shared)
+    (lower / "replaced").write_bytes(os.urandom(CHUNK))
+    (upper / "copy").write_bytes(shared[CHUNK:] + b"x")  # three chunks of lower's, one new
+    (upper / "replaced").write_bytes(b"upper's own\n")
+    (top / "again").write_bytes(shared)  # nothing new: this layer gets no blob
+
+    options = BuildOptions(chunk_size=CHUNK, blob_per_layer=True)
+    result = build_image([lower, upper, top], tmp_path / "out", options)
+
+    assert len(result.blobs) == 2
+    lower_blob, upper_blob = result.blobs
+    # Only what is in the final tree is stored: lower's "replaced" is hidden by upper's.
+    assert lower_blob.chunk_count == 4
+    assert upper_blob.chunk_count == 2  # "copy"'s odd last chunk, and upper's "replaced"
+    # No copy of lower's chunks went into upper's blob.
+    assert upper_blob.compressed_size < lower_blob.compressed_size
+    with open_image(result.bootstrap) as opened:
+        assert [blob.blob_id for blob in opened.blobs] == [b.blob_id for b in result.blobs]
+
+    out = tmp_path / "out"
+    assert read_file(result.bootstrap, out, b"shared") == shared
+    assert read_file(result.bootstrap, out, b"copy") == shared[CHUNK:] + b"x"
+    assert read_file(result.bootstrap, out, b"replaced") == b"upper's own\n"
+    assert read_file(result.bootstrap, out, b"again") == shared
 
 
-def directory(name: str) -> Member:
-    return special(name, tarfile.DIRTYPE)
+def test_without_blob_per_layer_the_layers_share_one_blob(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / name).write_bytes(os.urandom(CHUNK))
+    result = build_image([tmp_path / "a", tmp_path / "b"], tmp_path / "out", BuildOptions(CHUNK))
+    assert result.blob is not None and result.blob.chunk_count == 2
 
 
-def hard_link(name: str, target: str) -> Member:
-    return special(name, tarfile.LNKTYPE, linkname=target)
-
-
-def write_layer(path: Path, members: list[Member], compression: str = "") -> Path:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for info, data in members:
-            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
-    raw = buffer.getvalue()
-    if compression == "gz":
-        import gzip
-
-        raw = gzip.compress(raw, mtime=0)
-    elif compression == "zst":
-        raw = zstandard.ZstdCompressor().compress(raw)
-    path.write_bytes(raw)
-    return path
-
-
-def flatten(root: Node) -> dict[str, tuple[str, bytes]]:
-    """path -> (kind letter, content) for the whole tree."""
-    result: dict[str, tuple[str, bytes]] = {}
-    pending: list[tuple[str, Node]] = [("", root)]
-    while pending:
-        prefix, node = pending.pop()
-        for name, child in node.entries.items():
-            path = f"{prefix}/{name.decode()}"
-            if child.is_dir:
-                result[path] = ("d", b"")
-                pending.append((path, child))
-            elif stat.S_ISLNK(child.mode):
-                result[path] = ("l", child.target)
-            else:
-                content = b""
-                if child.data is not None:
-                    with open(child.data.path, "rb") as f:
-                        f.seek(child.data.offset)
-                        content = f.read(child.data.size)
-                result[path] = ("f", content)
-    return result
-
-
-def load(tmp_path: Path, *sources: Path) -> tuple[Node, dict[str, tuple[str, bytes]]]:
-    """The tree's root, and its flattened form read while the spool still exists."""
-    with Spool(tmp_path) as spool:
-        root = load_sources(sources, spool)
-        return root, flatten(root)
-
-
-def test_layers_apply_in_order_with_whiteouts_and_opaque_directories(tmp_path: Path) -> None:
-    lower = write_layer(
-        tmp_path / "lower.tar",
-        [
-            directory("etc"),
-            regular("etc/passwd", b"root:x:0:0"),
-            regular("etc/hosts", b"127.0.0.1 localhost"),
-            regular("etc/gone", b"deleted above"),
-            directory("var/cache"),
-            regular("var/cache/a", b"a"),
-            regular("var/cache/b", b"b"),
-            regular("opt/keep/deep", b"all of opt goes"),
-            hard_link("hosts-link", "etc/hosts"),
-            regular("file-then-dir", b"file"),
-            regular("dir-then-file/child", b"child"),
-        ],
-    )
-    upper = write_layer(
-        tmp_path / "upper.tar.gz",
-        [
-            regular("etc/.wh.gone"),
-            regular("etc/passwd", b"root:x:0:0:replaced"),
-            regular("etc/same", b"added and whited out in one layer: stays"),
-            regular("etc/.wh.same"),
-            regular("var/cache/.wh..wh..opq"),
-            regular("var/cache/c", b"c"),
-            regular(".wh.opt"),
-            directory("file-then-dir"),
-            regular("file-then-dir/x", b"x"),
-            regular("dir-then-file", b"now a file"),
-            regular("./new/deep/file", b"parents made up"),
-            hard_link("upper-link", "etc/hosts"),
-        ],
-        compression="gz",
-    )
-    top = tmp_path / "top-directory"
-    (top / "etc").mkdir(parents=True)
-    (top / ".wh.upper-link").write_bytes(b"")
-    (top / "etc" / "from-directory").write_bytes(b"a directory layer")
-
-    root, flat = load(tmp_path, lower, upper, top)
-
-    assert flat == {
-        "/etc": ("d", b""),
-        "/etc/passwd": ("f", b"root:x:0:0:replaced"),
-        "/etc/hosts": ("f", b"127.0.0.1 localhost"),
-        "/etc/same": ("f", b"added and whited out in one layer: stays"),
-        "/etc/from-directory": ("f", b"a directory layer"),
-        "/var": ("d", b""),
-        "/var/cache": ("d", b""),
-        "/var/cache/c": ("f", b"c"),
-        "/hosts-link": ("f", b"127.0.0.1 localhost"),
-        "/file-then-dir": ("d", b""),
-        "/file-then-dir/x": ("f", b"x"),
-        "/dir-then-file": ("f", b"now a file"),
-        "/new": ("d", b""),
-        "/new/deep": ("d", b""),
-        "/new/deep/file": ("f", b"parents made up"),
-    }
-    etc = root.entries[b"etc"]
-    assert root.entries[b"hosts-link"] is etc.entries[b"hosts"]
-
-
-def test_a_layer_directory_entry_keeps_the_lower_contents_and_takes_its_metadata(
-    tmp_path: Path,
+def test_prefetch_patterns_become_the_prefetch_table(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    lower = write_layer(tmp_path / "1.tar", [directory("d"), regular("d/old", b"old")])
-    update = directory("d")
-    update[0].mode, update[0].uid, update[0].mtime = 0o700, 42, 1234
-    upper = write_layer(tmp_path / "2.tar.zst", [update, regular("d/new", b"new")], "zst")
-
-    root, _ = load(tmp_path, lower, upper)
-
-    d = root.entries[b"d"]
-    assert sorted(d.entries) == [b"new", b"old"]
-    assert (stat.S_IMODE(d.mode), d.uid, d.mtime) == (0o700, 42, 1234)
-
-
-def test_tar_metadata_reaches_the_image(tmp_path: Path) -> None:
-    xattrs = {
-        "SCHILY.xattr.user.comment": "plain text",
-        "SCHILY.xattr.security.capability": b"\x01\x00\x00\x02\xff\xfe".decode(
-            "utf-8", "surrogateescape"
-        ),
-        "mtime": "1700000000.123456789",
-    }
-    name = "n" * 255
-    layer = write_layer(
-        tmp_path / "layer.tar",
-        [
-            regular("bin/tool", b"#!/bin/sh\n", 0o4755, uid=1000, gid=2000, pax_headers=xattrs),
-            regular(f"long/{name}", b"long name"),
-            special("dev/null", tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666),
-            special("dev/sda1", tarfile.BLKTYPE, devmajor=8, devminor=1),
-            special("dev/fifo", tarfile.FIFOTYPE),
-            special("link", tarfile.SYMTYPE, linkname="bin/tool"),
-        ],
-    )
-    bootstrap, _ = build([layer], tmp_path / "out")
-
-    with open_image(bootstrap) as image, open_blobs(image, tmp_path / "out") as store:
-        tool = image.lookup(image.lookup(image.root_ino, b"bin") or 0, b"tool")
-        assert tool is not None
-        attr = image.getattr(tool)
-        assert (attr.mode, attr.uid, attr.gid) == (stat.S_IFREG | 0o4755, 1000, 2000)
-        assert (attr.mtime, attr.mtime_nsec) == (1700000000, 123456789)
-        assert image.getxattr(tool, b"user.comment") == b"plain text"
-        assert image.getxattr(tool, b"security.capability") == b"\x01\x00\x00\x02\xff\xfe"
-        assert read_file(image, tool, 0, 100, store) == b"#!/bin/sh\n"
-        dev = image.lookup(image.root_ino, b"dev") or 0
-        null = image.getattr(image.lookup(dev, b"null") or 0)
-        assert (stat.S_ISCHR(null.mode), null.rdev) == (True, os.makedev(1, 3))
-        sda1 = image.getattr(image.lookup(dev, b"sda1") or 0)
-        assert (stat.S_ISBLK(sda1.mode), sda1.rdev) == (True, os.makedev(8, 1))
-        assert stat.S_ISFIFO(image.getattr(image.lookup(dev, b"fifo") or 0).mode)
-        long = image.lookup(image.root_ino, b"long") or 0
-        assert image.lookup(long, name.encode()) is not None
-        assert image.readlink(image.lookup(image.root_ino, b"link") or 0) == b"bin/tool"
-
-
-def test_sparse_tar_members_are_read_through_tarfile(tmp_path: Path) -> None:
-    source = tmp_path / "source"
-    source.mkdir()
-    with open(source / "holes", "wb") as f:
-        f.write(b"start")
-        f.seek(3 << 20)
-        f.write(b"end")
-    layer = tmp_path / "sparse.tar"
-    subprocess.run(["tar", "--sparse", "-C", source, "-cf", layer, "holes"], check=True)
-    with tarfile.open(layer) as tar:
-        assert tar.getmember("holes").issparse()
-
-    bootstrap, _ = build([layer], tmp_path / "out")
-
-    with open_image(bootstrap) as image, open_blobs(image, tmp_path / "out") as store:
-        holes = image.lookup(image.root_ino, b"holes") or 0
-        data = read_file(image, holes, 0, 4 << 20, store)
-    assert data == (source / "holes").read_bytes()
-
-
-def test_directory_sources_count_only_links_inside_the_tree(tmp_path: Path) -> None:
-    source = tmp_path / "tree"
-    source.mkdir()
-    (source / "a").write_bytes(b"linked")
-    os.link(source / "a", source / "b")
-    os.link(source / "a", tmp_path / "outside")  # st_nlink is 3, the tree holds 2
-    bootstrap, _ = build([source], tmp_path / "out")
-
-    with open_image(bootstrap) as image:
-        a, b = image.lookup(image.root_ino, b"a"), image.lookup(image.root_ino, b"b")
-        assert a == b and a is not None
-        assert image.getattr(a).nlink == 2
-
-
-@pytest.mark.parametrize(
-    ("members", "message"),
-    [
-        ([regular("../escape", b"x")], "climbs out of the archive root"),
-        ([hard_link("link", "missing")], "target /missing not found"),
-        ([directory("d"), hard_link("link", "d")], "is a directory"),
-        ([special("link", tarfile.SYMTYPE, linkname="")], "symlink target of 0 bytes"),
-        ([regular("n" * 256, b"x")], "longer than 255 bytes"),
-    ],
-)
-def test_bad_layers_are_refused_with_a_message(
-    tmp_path: Path, members: list[Member], message: str
-) -> None:
-    layer = write_layer(tmp_path / "bad.tar", members)
-    result = run_vhostfs("build", layer, "-o", tmp_path / "out")
-    assert result.exit_code == 1
-    assert message in result.output
-    assert "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1
-
-
-def test_a_file_that_is_not_a_tar_is_refused(tmp_path: Path) -> None:
-    junk = tmp_path / "junk.tar"
-    junk.write_bytes(b"\x1f\x8b" + os.urandom(1000))
-    with pytest.raises(BuildError, match="not a readable tar archive"):
-        load(tmp_path, junk)
+    tree = tmp_path / "tree"
+    (tree / "usr" / "bin").mkdir(parents=True)
+    (tree / "usr" / "bin" / "python3").write_bytes(b"elf")
+    (tree / "etc").mkdir()
+    (tree / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+    patterns = (b"/usr/bin", b"/etc/hosts", b"/no/such/path", b"/usr/bin/")
+    options = BuildOptions(prefetch_patterns=patterns)
+    result = build_image([tree], tmp_path / "out", options)
+    with open_image(result.bootstrap) as opened:
+        usr = opened.lookup(opened.root_ino, b"usr")
+        etc = opened.lookup(opened.root_ino, b"etc")
+        assert usr is not None and etc is not None
+        expected = [opened.lookup(usr, b"bin"), opened.lookup(etc, b"hosts")]
+        assert opened.prefetch_table() == expected  # each node once, in pattern order
+    assert "/no/such/path" in caplog.text
+    plain = build_image([tree], tmp_path / "plain", BuildOptions())
+    with open_image(plain.bootstrap) as opened:
+        assert opened.prefetch_table() == []

@@ -20,7 +20,6 @@ from vhostfs.storage import (
     RafsConfig,
     RegistryConfig,
     Secret,
-    UnsupportedConfigError,
     open_storage,
     parse_config,
 )
@@ -176,19 +175,6 @@ def test_every_backend_type_has_a_factory() -> None:
     assert set(BACKEND_FACTORIES) == {"localfs", "registry", "http-proxy"}
     for kind in (LocalFsConfig, RegistryConfig, HttpProxyConfig):
         assert kind.kind in BACKEND_FACTORIES
-
-
-@pytest.mark.parametrize(
-    "backend",
-    [REGISTRY, {"type": "http-proxy", "config": {"addr": "http://127.0.0.1:65001"}}],
-)
-def test_registry_and_http_proxy_cannot_be_opened_yet(
-    tmp_path: Path, backend: dict[str, Any]
-) -> None:
-    blob = build_blob(tmp_path)
-    config = parse_config(config_with(backend))
-    with pytest.raises(UnsupportedConfigError, match="backend is not supported yet"):
-        open_storage(config, [blob.info])
 
 
 # --- Secrets ---------------------------------------------------------------------------------

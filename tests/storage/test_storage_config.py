@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -145,18 +146,19 @@ def test_other_backends_are_not_supported(kind: str) -> None:
         parse_config(text)
 
 
-def test_fscache_and_v2_are_refused() -> None:
+def test_fscache_and_other_versions_are_refused() -> None:
     with pytest.raises(UnsupportedConfigError, match=r"device\.cache\.type: fscache"):
         parse_config(with_change("device.cache.type", "fscache"))
-    with pytest.raises(UnsupportedConfigError, match="version: v2 configs"):
-        parse_config(with_change("version", 2))
+    with pytest.raises(ConfigError, match="version: expected 2, got 3"):
+        parse_config(with_change("version", 3))
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("{", "config: not valid JSON"),
-        (b"\xff", "config: not valid JSON"),
+        ("{", "config: neither valid JSON nor TOML"),
+        (b"\xff", "config: neither valid JSON nor TOML"),
+        ("mode = 'direct'", "config: a TOML config must be v2"),
         ("[]", "config: expected an object, got a list"),
         ("null", "config: expected an object, got null"),
     ],
@@ -248,3 +250,82 @@ def test_open_storage_from_json(tmp_path: Path) -> None:
 
     run(scenario())
     assert (tmp_path / "w" / f"{blob.blob_id}.chunk_map").exists()
+
+
+V2_TOML = """
+version = 2
+id = "img"
+
+[backend]
+type = "registry"
+
+[backend.registry]
+scheme = "http"
+host = "registry.local:5000"
+repo = "library/python"
+timeout = 7
+retry_limit = 2
+
+[cache]
+type = "blobcache"
+
+[cache.filecache]
+work_dir = "/var/cache/vhostfs"
+
+[rafs]
+mode = "cached"
+validate = true
+batch_size = 131072
+
+[rafs.prefetch]
+enable = true
+threads = 4
+batch_size = 65536
+bandwidth_limit = 1000
+"""
+
+V1_EQUIVALENT = {
+    "device": {
+        "backend": {
+            "type": "registry",
+            "config": {
+                "scheme": "http",
+                "host": "registry.local:5000",
+                "repo": "library/python",
+                "timeout": 7,
+                "retry_limit": 2,
+            },
+        },
+        "cache": {"type": "blobcache", "config": {"work_dir": "/var/cache/vhostfs"}},
+    },
+    "mode": "cached",
+    "digest_validate": True,
+    "amplify_io": 131072,
+    "fs_prefetch": {
+        "enable": True,
+        "threads_count": 4,
+        "merging_size": 65536,
+        "bandwidth_rate": 1000,
+    },
+}
+
+
+def test_a_v2_config_in_toml_or_json_means_what_its_v1_form_means() -> None:
+    v1 = parse_config(json.dumps(V1_EQUIVALENT))
+    assert parse_config(V2_TOML) == v1
+    assert parse_config(json.dumps(tomllib.loads(V2_TOML))) == v1
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("[backend.registry]", "[backend.localfs]", "backend.registry: required"),
+        ("threads = 4", "threads = 0", "rafs.prefetch.threads: "),
+        ("version = 2", "version = 3", "version: expected 2, got 3"),
+        ('mode = "cached"', 'mode = "lazy"', 'rafs.mode: expected "direct" or "cached"'),
+    ],
+)
+def test_v2_errors_name_the_key_path(old: str, new: str, message: str) -> None:
+    assert old in V2_TOML
+    with pytest.raises(ConfigError, match=message):
+        parse_config(V2_TOML.replace(old, new))

@@ -2,11 +2,13 @@
 
 - `serve`: the virtiofsd-compatible daemon (`vhostfs.cli.serve`);
 - `virtiofs`: the nydusd-compatible daemon, as Kata runs it (`vhostfs.cli.nydusd`);
-- `build`, `inspect`, `check`, `unpack`: the image commands (`vhostfs.cli.image`).
+- `build`, `inspect`, `check`, `unpack`: the image commands (`vhostfs.cli.image`);
+- `convert`: OCI image to nydus image, registry to registry (`vhostfs.cli.convert`).
 """
 
 import click
 
+from vhostfs.cli.convert import convert_command
 from vhostfs.cli.image import build_command, check_command, inspect_command, unpack_command
 from vhostfs.cli.nydusd import GLOBAL_OPTIONS, global_options, virtiofs
 from vhostfs.cli.serve import serve
@@ -29,3 +31,4 @@ main.add_command(build_command)
 main.add_command(inspect_command)
 main.add_command(check_command)
 main.add_command(unpack_command)
+main.add_command(convert_command)

@@ -7,6 +7,7 @@ every error the library raises for its input is turned into a click error here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import stat
 import sys
@@ -25,7 +26,7 @@ from vhostfs.rafs.build.verify import CheckFailed, check_image
 from vhostfs.rafs.errors import RafsError
 from vhostfs.rafs.image import open_image
 from vhostfs.storage.blob import Compressor, Digester
-from vhostfs.storage.config import ConfigError, RafsConfig
+from vhostfs.storage.config import ConfigError, RafsConfig, parse_config
 from vhostfs.storage.errors import StorageError
 from vhostfs.storage.sync import SyncStorage
 
@@ -72,11 +73,28 @@ _blob_option = click.option(
 )
 
 
+_config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A nydusd config (v1 JSON, or v2 JSON or TOML) saying where the blobs are, e.g. a "
+    "registry; replaces --blob-dir and --blob. Its cache is not used.",
+)
+
+
 def _open_storage(
-    image: RafsImage, blob_dir: str | None, blob_files: tuple[str, ...]
+    image: RafsImage, blob_dir: str | None, blob_files: tuple[str, ...], config_path: str | None
 ) -> SyncStorage:
     """The image's storage as the server would open it from the same flags, minus the cache."""
-    config = RafsConfig.from_flags(blob_dir=blob_dir, blob_files=blob_files)
+    if config_path is not None:
+        if blob_dir or blob_files:
+            _fail("--config replaces --blob-dir and --blob")
+        with open(config_path, "rb") as f:
+            config = parse_config(f.read())
+        # Offline tools verify what they read whatever the config says: that is their job.
+        config = dataclasses.replace(config, digest_validate=True)
+    else:
+        config = RafsConfig.from_flags(blob_dir=blob_dir, blob_files=blob_files)
     return SyncStorage(config, image.blobs, bootstrap=image.path)
 
 
@@ -228,10 +246,13 @@ def _tree_line(
     help="Directory holding the image's blobs, named by blob id.",
 )
 @_blob_option
-def check_command(image: str, blob_dir: str | None, blob_files: tuple[str, ...]) -> None:
+@_config_option
+def check_command(
+    image: str, blob_dir: str | None, blob_files: tuple[str, ...], config_path: str | None
+) -> None:
     """Read every file of an image end to end and verify every chunk digest; exit status 1
     at the first problem, naming the file and chunk."""
-    _with_image(image, lambda opened: _check(opened, blob_dir, blob_files))
+    _with_image(image, lambda opened: _check(opened, blob_dir, blob_files, config_path))
 
 
 def _file_bytes(image: RafsImage) -> int:
@@ -241,9 +262,14 @@ def _file_bytes(image: RafsImage) -> int:
     return sum(attr.size for _, _, attr in image.walk() if stat.S_ISREG(attr.mode))
 
 
-def _check(image: RafsImage, blob_dir: str | None, blob_files: tuple[str, ...]) -> None:
+def _check(
+    image: RafsImage, blob_dir: str | None, blob_files: tuple[str, ...], config_path: str | None
+) -> None:
     total = _file_bytes(image)
-    with _open_storage(image, blob_dir, blob_files) as store, Progress(total, "check") as progress:
+    with (
+        _open_storage(image, blob_dir, blob_files, config_path) as store,
+        Progress(total, "check") as progress,
+    ):
         report = check_image(image, store, on_file=progress.advance)
     click.echo(
         f"ok: {report.inodes} entries, {report.files} files, {report.file_bytes} bytes read, "
@@ -264,6 +290,7 @@ def _check(image: RafsImage, blob_dir: str | None, blob_files: tuple[str, ...]) 
     help="Directory holding the image's blobs, named by blob id.",
 )
 @_blob_option
+@_config_option
 @click.option(
     "-o",
     "--output",
@@ -272,16 +299,29 @@ def _check(image: RafsImage, blob_dir: str | None, blob_files: tuple[str, ...]) 
     help="Directory to write the tree to (missing or empty).",
 )
 def unpack_command(
-    image: str, blob_dir: str | None, blob_files: tuple[str, ...], output: str
+    image: str,
+    blob_dir: str | None,
+    blob_files: tuple[str, ...],
+    config_path: str | None,
+    output: str,
 ) -> None:
     """Write an image's tree to OUTPUT with modes, owners (as root), hard and symbolic links,
     xattrs, mtimes, and device nodes (as root)."""
-    _with_image(image, lambda opened: _unpack(opened, blob_dir, blob_files, output))
+    _with_image(image, lambda opened: _unpack(opened, blob_dir, blob_files, config_path, output))
 
 
-def _unpack(image: RafsImage, blob_dir: str | None, blob_files: tuple[str, ...], out: str) -> None:
+def _unpack(
+    image: RafsImage,
+    blob_dir: str | None,
+    blob_files: tuple[str, ...],
+    config_path: str | None,
+    out: str,
+) -> None:
     total = _file_bytes(image)
-    with _open_storage(image, blob_dir, blob_files) as store, Progress(total, "unpack") as progress:
+    with (
+        _open_storage(image, blob_dir, blob_files, config_path) as store,
+        Progress(total, "unpack") as progress,
+    ):
         report = unpack_image(image, store, out, on_file=progress.advance)
     for skipped in report.skipped:
         click.echo(f"skipped: {skipped}", err=True)

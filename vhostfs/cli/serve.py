@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vhostfs.cli.common import LOG_LEVELS, rafs_mount, setup_logging
+from vhostfs.cli.common import LOG_LEVELS, image_mount, rafs_mount, setup_logging
 from vhostfs.daemon import (
     Daemon,
     DaemonConfig,
@@ -40,6 +40,15 @@ from vhostfs.daemon.config import CachePolicy
     "--bootstrap",
     type=click.Path(exists=True, dir_okay=False),
     help="RAFS (v5/v6) or EROFS image to serve read-only.",
+)
+@click.option(
+    "--image",
+    "image_ref",
+    help="A nydus image in a registry (e.g. localhost:5000/app:nydus): its bootstrap is "
+    "fetched, its data read lazily. Credentials from docker's config.json.",
+)
+@click.option(
+    "--insecure", is_flag=True, help="With --image: skip TLS verification, HTTP if need be."
 )
 @click.option(
     "--config",
@@ -93,6 +102,8 @@ def serve(
     listen_fd: int | None,
     shared_dir: str | None,
     bootstrap: str | None,
+    image_ref: str | None,
+    insecure: bool,
     config_path: str | None,
     blob_dir: str | None,
     blob_files: tuple[str, ...],
@@ -110,11 +121,15 @@ def serve(
     setup_logging(log_level, syslog)
     if (socket_path is None) == (listen_fd is None):
         raise click.UsageError("give exactly one of --socket/--socket-path and --fd")
-    if (shared_dir is None) == (bootstrap is None):
-        raise click.UsageError("give exactly one of --shared-dir and --bootstrap")
+    if [shared_dir, bootstrap, image_ref].count(None) != 2:
+        raise click.UsageError("give exactly one of --shared-dir, --bootstrap and --image")
     mount: MountConfig
     if shared_dir is not None:
         mount = PassthroughMountConfig(shared_dir, _CACHE_POLICIES[cache])
+    elif image_ref is not None:
+        if config_path or blob_dir or blob_files:
+            raise click.UsageError("--image takes its backend from the image reference")
+        mount = image_mount(image_ref, insecure, cache_dir, prefetch_files)
     else:
         assert bootstrap is not None
         mount = rafs_mount(bootstrap, config_path, blob_dir, blob_files, cache_dir, prefetch_files)

@@ -1,9 +1,7 @@
 """Opening the backend a config names: one factory per backend type.
 
 The config's backend is a tagged union (vhostfs.storage.config.BackendConfig); the factory
-registered under its `kind` builds it. Registry and http-proxy configs parse already, so a mount
-request that names them is checked in full, but their factories refuse until those backends
-exist.
+registered under its `kind` builds it.
 """
 
 from __future__ import annotations
@@ -19,8 +17,10 @@ from vhostfs.storage.backend_config import (
     LocalFsConfig,
     RegistryConfig,
 )
-from vhostfs.storage.config_fields import ConfigError, UnsupportedConfigError
+from vhostfs.storage.config_fields import ConfigError
+from vhostfs.storage.http_proxy import HttpProxyBackend
 from vhostfs.storage.localfs import LocalFsBackend
+from vhostfs.storage.registry_backend import RegistryBackend
 
 # (the backend's config, the name of each blob of the image in table order, the I/O pool)
 BackendFactory = Callable[[BackendConfig, Sequence[str], Executor], BlobBackend]
@@ -49,17 +49,20 @@ def _localfs(config: BackendConfig, blob_names: Sequence[str], executor: Executo
     )
 
 
-def _not_yet(kind: str) -> BackendFactory:
-    def refuse(config: BackendConfig, blob_names: Sequence[str], executor: Executor) -> BlobBackend:
-        raise UnsupportedConfigError(
-            f"device.backend.type: the {kind!r} backend is not supported yet (only localfs)"
-        )
+def _registry(config: BackendConfig, blob_names: Sequence[str], executor: Executor) -> BlobBackend:
+    assert isinstance(config, RegistryConfig)
+    return RegistryBackend.from_config(config)
 
-    return refuse
+
+def _http_proxy(
+    config: BackendConfig, blob_names: Sequence[str], executor: Executor
+) -> BlobBackend:
+    assert isinstance(config, HttpProxyConfig)
+    return HttpProxyBackend.from_config(config)
 
 
 BACKEND_FACTORIES: Final[dict[str, BackendFactory]] = {
     LocalFsConfig.kind: _localfs,
-    RegistryConfig.kind: _not_yet(RegistryConfig.kind),
-    HttpProxyConfig.kind: _not_yet(HttpProxyConfig.kind),
+    RegistryConfig.kind: _registry,
+    HttpProxyConfig.kind: _http_proxy,
 }

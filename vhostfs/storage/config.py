@@ -1,4 +1,10 @@
-"""How to get an image's data: nydusd's v1 JSON config ("RafsConfig"), or the CLI flags.
+"""How to get an image's data: nydusd's config ("RafsConfig"), v1 JSON or v2, or the CLI flags.
+
+v2 configs (`version = 2`, in TOML or JSON; reference nydus-rafs-and-kata §4.2) map onto the same
+RafsConfig: `backend.<type>` is the v1 `device.backend.config`, `cache.filecache` the v1
+`device.cache.config`, and `rafs.validate`, `rafs.batch_size` and `rafs.prefetch` the v1
+`digest_validate`, `amplify_io` and `fs_prefetch` (with v2's key names: threads, batch_size,
+bandwidth_limit). Kata's mount requests may carry either form.
 
 Only what the storage layer and the file system use is kept; other keys are ignored, as nydusd
 ignores keys it does not know (snapshotter extras such as `warmup` included). Anything present
@@ -15,8 +21,8 @@ e.g. `device.backend.config.dir: expected a string`. What is kept is honoured, o
 
 Backends: the config's backend is a tagged union (`BackendConfig`), one dataclass per type,
 opened by the factory registered for its type (vhostfs.storage.backends). `localfs` works;
-`registry` and `http-proxy` are parsed into their typed configs now but cannot be opened yet;
-`oss`, `s3` and `localdisk` are refused with "not supported yet".
+`registry` and `http-proxy` work too; `oss`, `s3` and `localdisk` are refused with "not
+supported yet".
 
 Credentials (`auth`, `registry_token`, mirror headers) are Secrets: no repr, str, log line or
 `RafsConfig.redacted()` copy shows them.
@@ -33,6 +39,7 @@ import enum
 import json
 import logging
 import os
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -165,20 +172,27 @@ def _redacted(value: object) -> object:
 
 
 def parse_config(text: str | bytes) -> RafsConfig:
-    """A v1 JSON config, as Kata passes it in a mount request or nydusd reads from --config."""
+    """A config as Kata passes it in a mount request or nydusd reads from --config: v1 JSON,
+    or v2 (`version = 2`) in JSON or TOML."""
     try:
         document = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config: not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as json_error:
+        try:
+            document = tomllib.loads(text.decode() if isinstance(text, bytes) else text)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+            raise ConfigError(f"config: neither valid JSON nor TOML: {json_error}") from None
+        if "version" not in document:
+            raise ConfigError("config: a TOML config must be v2 (version = 2)") from None
     return config_from_json(document)
 
 
 def config_from_json(document: object) -> RafsConfig:
     root = JsonObject.of(document, "config")
     if root.has("version"):
-        raise UnsupportedConfigError(
-            f"{root.path('version')}: v2 configs are not supported yet, use the v1 JSON format"
-        )
+        version = root.integer("version", 2, 0, 1 << 31)
+        if version != 2:
+            raise ConfigError(f"{root.path('version')}: expected 2, got {version}")
+        return _config_v2(root)
     device = root.section("device")
     mode = root.string("mode")
     if mode not in ("direct", "cached"):
@@ -201,16 +215,41 @@ def config_from_json(document: object) -> RafsConfig:
     return config
 
 
-def _backend(backend: JsonObject) -> BackendConfig:
+def _config_v2(root: JsonObject) -> RafsConfig:
+    rafs = root.section("rafs") if root.has("rafs") else JsonObject({}, root.path("rafs"))
+    mode = rafs.string("mode", "direct")
+    if mode not in ("direct", "cached"):
+        raise ConfigError(f'{rafs.path("mode")}: expected "direct" or "cached", got {mode!r}')
+    backend = root.section("backend")
+    config = RafsConfig(
+        backend=_backend(backend, v2=True),
+        cache=_cache_v2(root.section("cache")) if root.has("cache") else None,
+        mode="direct" if mode == "direct" else "cached",
+        digest_validate=rafs.boolean("validate", False),
+        enable_xattr=rafs.boolean("enable_xattr", False),
+        amplify_io=rafs.integer("batch_size", DEFAULT_AMPLIFY_IO, 0, 1 << 31),
+        prefetch=_prefetch_v2(rafs.section("prefetch"))
+        if rafs.has("prefetch")
+        else PrefetchConfig(),
+    )
+    for key in _NOT_COLLECTED:
+        if rafs.boolean(key, False):
+            log.warning("%s: not collected yet, the setting has no effect", rafs.path(key))
+    return config
+
+
+def _backend(backend: JsonObject, *, v2: bool = False) -> BackendConfig:
     kind = backend.string("type")
     if kind in _REFUSED_BACKENDS:
         raise UnsupportedConfigError(
-            f"{backend.path('type')}: the {kind!r} backend is not supported yet (only localfs)"
+            f"{backend.path('type')}: the {kind!r} backend is not supported yet "
+            f"(only localfs, registry and http-proxy)"
         )
     parse = BACKEND_PARSERS.get(kind)
     if parse is None:
         raise ConfigError(f"{backend.path('type')}: unknown backend type {kind!r}")
-    return parse(backend.section("config"))
+    # v1 keeps the backend's fields under "config", v2 under a table named after the type.
+    return parse(backend.section(kind if v2 else "config"))
 
 
 def _cache(cache: JsonObject) -> CacheConfig | None:
@@ -229,6 +268,33 @@ def _cache(cache: JsonObject) -> CacheConfig | None:
     if not work_dir:
         raise ConfigError(f"{config.path('work_dir')}: must not be empty")
     return CacheConfig(work_dir, sync_data=config.boolean("sync_data", False))
+
+
+def _cache_v2(cache: JsonObject) -> CacheConfig | None:
+    kind = cache.string("type", "")
+    if kind in _NO_CACHE:
+        return None
+    if kind == "fscache":
+        return _cache(cache)  # refused, with the v1 message
+    if kind not in _BLOBCACHE:
+        raise ConfigError(f"{cache.path('type')}: unknown cache type {kind!r}")
+    config = cache.section("filecache")
+    work_dir = config.string("work_dir", ".")
+    if not work_dir:
+        raise ConfigError(f"{config.path('work_dir')}: must not be empty")
+    return CacheConfig(work_dir, sync_data=config.boolean("sync_data", False))
+
+
+def _prefetch_v2(prefetch: JsonObject) -> PrefetchConfig:
+    return PrefetchConfig(
+        enable=prefetch.boolean("enable", False),
+        threads_count=prefetch.integer(
+            "threads", DEFAULT_PREFETCH_CONCURRENCY, 1, MAX_PREFETCH_CONCURRENCY
+        ),
+        merging_size=prefetch.integer("batch_size", DEFAULT_MERGING_SIZE, 1, MAX_MERGING_SIZE),
+        bandwidth_rate=prefetch.integer("bandwidth_limit", 0, 0, 1 << 40),
+        prefetch_all=prefetch.boolean("prefetch_all", False),
+    )
 
 
 def _prefetch(prefetch: JsonObject) -> PrefetchConfig:

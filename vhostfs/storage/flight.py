@@ -7,6 +7,10 @@ never part of any reader, so a reader that gives up (an interrupted request) nev
 fetch others wait for. Decoding runs on the pool; marking chunks ready and settling futures
 happens back on the event loop.
 
+A chunk whose fetched bytes do not decode or verify (bad compression, digest mismatch) is
+fetched once more, alone: a network backend may have handed over a corrupted body, and a
+second fetch is cheap next to failing a read. If it fails again it fails for good.
+
 A chunk that fails (backend error, bad compression, digest mismatch) is logged once (unless
 the owner reports failures itself, as the offline tools do), stays unmarked, and fails every
 read waiting for it with a StorageError (EIO for the guest). The next read of it tries again.
@@ -25,6 +29,7 @@ from vhostfs.storage.blob import ChunkRef
 from vhostfs.storage.decode import Decoded, decode_run
 from vhostfs.storage.errors import (
     BackendError,
+    ChunkDecodeError,
     ChunkDigestError,
     StorageClosedError,
     StorageError,
@@ -106,6 +111,8 @@ class SingleFlight:
             self._settle(run, error)
             return
         for ref, result in zip(run, decoded, strict=True):
+            if isinstance(result, ChunkDecodeError):
+                result = await self._refetch(blob, ref, prefetch)
             if isinstance(result, StorageError):
                 self._metrics.chunk_errors += 1
                 if isinstance(result, ChunkDigestError):
@@ -115,6 +122,23 @@ class SingleFlight:
             elif result.cached and ref.chunk_index is not None:
                 blob.cache.mark_ready(ref.chunk_index)
             self._settle([ref], result)
+
+    async def _refetch(
+        self, blob: OpenBlob, ref: ChunkRef, prefetch: bool
+    ) -> Decoded | StorageError:
+        """The chunk fetched and decoded once more, or the error that ends it."""
+        self._metrics.chunk_refetches += 1
+        loop = asyncio.get_running_loop()
+        try:
+            stored = await self._backend_read(
+                blob, ref.compressed_offset, ref.compressed_size, prefetch
+            )
+            (result,) = await loop.run_in_executor(self._executor, decode_run, blob, [ref], stored)
+        except StorageError as e:
+            return e
+        except Exception as e:
+            return StorageError(f"{type(e).__name__}: {e}")
+        return result
 
     async def _backend_read(self, blob: OpenBlob, offset: int, size: int, prefetch: bool) -> bytes:
         metrics = self._metrics

@@ -50,6 +50,7 @@ class Metrics:
         self.prefetch_requests = 0
         self.prefetch_bytes = 0  # backend bytes fetched on behalf of prefetch
         self.digest_failures = 0
+        self.chunk_refetches = 0  # chunks fetched again because their bytes did not decode
         self.chunk_errors = 0  # chunks that failed to fetch, decode or verify (digest included)
         self.read_latency = LatencyHistogram()
         self.read_size_classes = [0] * (len(READ_SIZE_CLASSES) + 1)
@@ -74,6 +75,7 @@ class Metrics:
             "prefetch_requests": self.prefetch_requests,
             "prefetch_bytes": self.prefetch_bytes,
             "digest_failures": self.digest_failures,
+            "chunk_refetches": self.chunk_refetches,
             "chunk_errors": self.chunk_errors,
             "read_latency": self.read_latency.snapshot(),
         }

@@ -53,15 +53,16 @@ _BLOB_MODE = 0o644  # like the bootstrap; the temporary file was made private
 
 @dataclass(slots=True)
 class Chunk:
-    """One unique chunk of the blob; its compressed place is known once it is written."""
+    """One unique chunk of a blob; its compressed place is known once it is written."""
 
-    index: int  # in the blob's chunk-info array
+    index: int  # in its blob's chunk-info array
     digest: bytes
     uncompressed_offset: int
     uncompressed_size: int
     compressed_offset: int = -1
     compressed_size: int = 0
     compressed: bool = False
+    blob_index: int = 0  # in the image's blob table
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,11 +86,16 @@ def write_bootstrap(
     inodes: Sequence[Inode],
     file_chunks: dict[Node, list[Chunk]],
     chunks: Sequence[Chunk],
-    blob: BlobSummary | None,
+    blobs: Sequence[BlobSummary],
     settings: ImageSettings,
+    prefetch: Sequence[Node] = (),
 ) -> int:
-    """Write the bootstrap to `path`; returns its size."""
-    blob_count = 0 if blob is None else 1
+    """Write the bootstrap to `path`; returns its size. `blobs` are in blob-table order, and
+    each chunk's blob_index points into them. `prefetch` lists the files and directories the
+    prefetch table names (nydusd warms them first), in order."""
+    blob_count = len(blobs)
+    if blob_count > L.RAFS_V6_MAX_BLOBS:
+        raise BuildError(f"{blob_count} blobs: a RAFS v6 image holds at most {L.RAFS_V6_MAX_BLOBS}")
     blob_table_offset = aligned(DEVICE_TABLE_OFFSET + L.DEVICE_SLOT.size * blob_count)
     blob_table_size = L.RAFS_V6_BLOB_ENTRY.size * blob_count
     inodes_start = aligned(blob_table_offset + blob_table_size)
@@ -100,13 +105,18 @@ def write_bootstrap(
     data_end = _place_data_blocks(placements, aligned(inodes_end))
     chunk_table_offset = data_end
     chunk_table = b"".join(_chunk_record(chunk) for chunk in sorted(chunks, key=_by_digest))
-    size = aligned(chunk_table_offset + len(chunk_table))
+    nids = {p.inode.node: (p.offset - meta_base) // L.INODE_SLOT_SIZE for p in placements}
+    prefetch_table = b"".join(L.PREFETCH_ENTRY.pack(nids[node]) for node in prefetch)
+    prefetch_table_offset = chunk_table_offset + len(chunk_table) if prefetch_table else 0
+    size = aligned(chunk_table_offset + len(chunk_table) + len(prefetch_table))
 
     image = bytearray(size)
-    nids = {p.inode.node: (p.offset - meta_base) // L.INODE_SLOT_SIZE for p in placements}
     for placement in placements:
         _write_inode(image, placement, nids, file_chunks, settings)
     image[chunk_table_offset : chunk_table_offset + len(chunk_table)] = chunk_table
+    if prefetch_table:
+        end = prefetch_table_offset + len(prefetch_table)
+        image[prefetch_table_offset:end] = prefetch_table
 
     root_nid = nids[inodes[0].node]
     if root_nid > _ROOT_NID_MAX:
@@ -118,9 +128,9 @@ def write_bootstrap(
     )
     if any(p.xattrs for p in placements):
         flags |= L.FLAG_HAS_XATTR
-    if blob is not None:
-        flags |= L.FLAG_INLINED_CHUNK_DIGEST  # the blob carries blob.digest
-    blob_blocks = 0 if blob is None else blob.uncompressed_size // BLOCK_SIZE
+    if blobs:
+        flags |= L.FLAG_INLINED_CHUNK_DIGEST  # each blob carries its blob.digest
+    blob_blocks = sum(blob.uncompressed_size // BLOCK_SIZE for blob in blobs)
     L.EROFS_SUPER.pack_into(
         image,
         L.EROFS_SUPER_OFFSET,
@@ -152,19 +162,23 @@ def write_bootstrap(
         settings.chunk_size,
         chunk_table_offset,
         len(chunk_table),
-        0,  # no prefetch table
-        0,
+        prefetch_table_offset,
+        len(prefetch_table),
     )
-    if blob is not None:
-        mapped_blkaddr = -(-size // MAPPED_BLKADDR_ALIGNMENT) * MAPPED_BLKADDR_ALIGNMENT
+    mapped = size  # each blob's place in the flat address space, after the bootstrap's
+    for index, blob in enumerate(blobs):
+        mapped = -(-mapped // MAPPED_BLKADDR_ALIGNMENT) * MAPPED_BLKADDR_ALIGNMENT
+        blocks = blob.uncompressed_size // BLOCK_SIZE
         L.DEVICE_SLOT.pack_into(
             image,
-            DEVICE_TABLE_OFFSET,
+            DEVICE_TABLE_OFFSET + L.DEVICE_SLOT.size * index,
             blob.blob_id.encode(),
-            blob_blocks,
-            mapped_blkaddr // BLOCK_SIZE,
+            blocks,
+            mapped // BLOCK_SIZE,
         )
-        image[blob_table_offset : blob_table_offset + blob_table_size] = _blob_entry(blob, settings)
+        entry_at = blob_table_offset + L.RAFS_V6_BLOB_ENTRY.size * index
+        image[entry_at : entry_at + L.RAFS_V6_BLOB_ENTRY.size] = _blob_entry(blob, index, settings)
+        mapped += blocks * BLOCK_SIZE
     path.write_bytes(image)
     return size
 
@@ -305,7 +319,7 @@ def _write_inode(
     after = start + len(header)
     if kind == stat.S_IFREG:
         indexes = b"".join(
-            chunk_index(0, chunk.index, chunk.uncompressed_offset)
+            chunk_index(chunk.blob_index, chunk.index, chunk.uncompressed_offset)
             for chunk in file_chunks.get(node, ())
         )
         at = -(-after // L.CHUNK_INDEX.size) * L.CHUNK_INDEX.size
@@ -333,7 +347,7 @@ def _directory_entries(inode: Inode, nids: dict[Node, int]) -> list[tuple[bytes,
 def _chunk_record(chunk: Chunk) -> bytes:
     return L.CHUNK_INFO.pack(
         chunk.digest,
-        0,  # blob index
+        chunk.blob_index,
         L.CHUNK_COMPRESSED if chunk.compressed else 0,
         chunk.compressed_size,
         chunk.uncompressed_size,
@@ -345,10 +359,10 @@ def _chunk_record(chunk: Chunk) -> bytes:
     )
 
 
-def _blob_entry(blob: BlobSummary, settings: ImageSettings) -> bytes:
+def _blob_entry(blob: BlobSummary, index: int, settings: ImageSettings) -> bytes:
     return L.RAFS_V6_BLOB_ENTRY.pack(
         blob.blob_id.encode(),
-        0,
+        index,
         settings.chunk_size,
         blob.chunk_count,
         COMPRESSOR_CODE[settings.compressor],

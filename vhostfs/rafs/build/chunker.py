@@ -8,6 +8,10 @@ stored once; a new one gets the next index in the blob's chunk-info array and th
 aligned place in the blob's uncompressed address space, and is written. Decisions made in read
 order keep the blob's bytes independent of thread timing. (A duplicate that arrives while its
 twin is still in flight is compressed for nothing; that costs time, not space.)
+
+An image made of layers gets one blob per layer (`start_blob` begins the next): new chunks go
+to the current blob, while a chunk some earlier blob already holds is referenced there, so the
+layers of an image share their common data.
 """
 
 from __future__ import annotations
@@ -45,14 +49,13 @@ def _digest_and_compress(
 class Chunker:
     def __init__(
         self,
-        blob: BlobWriter,
         chunk_size: int,
         compressor: Compressor,
         digester: Digester,
         progress: Progress,
         workers: int,
     ) -> None:
-        self._blob = blob
+        self._blob: BlobWriter | None = None  # start_blob() names it
         self._chunk_size = chunk_size
         self._compressor = compressor
         self._digester = digester
@@ -65,6 +68,16 @@ class Chunker:
         self._pending: deque[_Pending] = deque()
         self._max_pending = 2 * workers + 2  # enough to keep workers busy, bounded memory
         self._open: tuple[str, int] | None = None  # layers share one file: keep it open
+        self._blob_index = 0
+
+    def start_blob(self, blob: BlobWriter, blob_index: int) -> None:
+        """Send new chunks to `blob`, the image's blob `blob_index`, from now on. Call
+        finish() for the previous blob first."""
+        assert not self._pending, "finish() the previous blob first"
+        self._blob = blob
+        self._blob_index = blob_index
+        self._chunks = []
+        self._uncompressed_end = 0
 
     @property
     def uncompressed_size(self) -> int:
@@ -92,7 +105,7 @@ class Chunker:
         return done
 
     def finish(self) -> list[Chunk]:
-        """Every distinct chunk, by index, all written to the blob."""
+        """Every new chunk of the current blob, by index, all written to it."""
         self._drain(0)
         return self._chunks
 
@@ -135,12 +148,19 @@ class Chunker:
             return known
         if len(self._chunks) >= _MAX_CHUNKS:
             raise BuildError(f"more than {_MAX_CHUNKS} distinct chunks: use a larger --chunk-size")
-        chunk = Chunk(len(self._chunks), digest, self._uncompressed_end, len(piece))
+        chunk = Chunk(
+            len(self._chunks),
+            digest,
+            self._uncompressed_end,
+            len(piece),
+            blob_index=self._blob_index,
+        )
         self._uncompressed_end += aligned(len(piece))
         if self._uncompressed_end // L.RAFS_V6_BLOCK_SIZE > _MAX_BLOCK_ADDRESS:
             raise BuildError("more than 16 TiB of distinct chunk data")
         self._chunks.append(chunk)
         self._by_digest[digest] = chunk
+        assert self._blob is not None, "start_blob() first"
         if stored is None:
             self._blob.write_chunk(chunk, piece, compressed=False)
         else:

@@ -46,6 +46,7 @@ class Node:
     data: FileData | None = None  # regular files with content
     target: bytes = b""  # symlinks
     entries: dict[bytes, Node] = field(default_factory=dict)  # directories
+    layer: int = 0  # the source (layer) that put it, counted from 0: whose blob gets its data
 
     @property
     def kind(self) -> int:
@@ -74,9 +75,11 @@ class Tree:
         self.root = Node(IMPLICIT_DIRECTORY_MODE)
         # (directory, name) of each entry the current layer put; Nodes hash by identity.
         self._added: set[tuple[Node, bytes]] = set()
+        self.layer = -1
 
     def begin_layer(self) -> None:
         self._added = set()
+        self.layer += 1
 
     def add(self, path: Path, node: Node) -> None:
         """Put `node` at `path`, or apply the whiteout that `path` names."""
@@ -92,6 +95,7 @@ class Tree:
         elif name.startswith(WHITEOUT_PREFIX):
             self._white_out(parent, name[len(WHITEOUT_PREFIX) :])
         else:
+            node.layer = max(self.layer, 0)
             self._put(parent, name, node)
 
     def link(self, path: Path, target: Path) -> None:

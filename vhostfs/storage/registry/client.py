@@ -26,24 +26,35 @@ import asyncio
 import email.utils
 import hashlib
 import logging
+import os
 import random
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from vhostfs.storage.backend_config import MirrorConfig, ProxyConfig
 from vhostfs.storage.registry.auth import Authenticator, Credentials
 from vhostfs.storage.registry.challenge import ChallengeError, parse_challenge
 from vhostfs.storage.registry.errors import RegistryError
+from vhostfs.storage.registry.routes import Routes
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+
+def _ignore(count: int) -> None:
+    pass
+
+
+# A request body: bytes, or a function making a fresh stream of it for each send.
+Body = bytes | Callable[[], AsyncIterator[bytes]] | None
 
 REDIRECT_TTL: Final = 300.0  # presigned URLs usually live 10 minutes or more
 MAX_REDIRECTS: Final = 5
@@ -69,6 +80,8 @@ class RegistryOptions:
     retry_limit: int = 0
     max_connections: int = 16
     http2: bool = False
+    proxy: ProxyConfig | None = None  # Dragonfly's dfdaemon as a forward proxy
+    mirrors: tuple[MirrorConfig, ...] = ()  # or the older mirror list (vhostfs...routes)
 
     @property
     def origin(self) -> str:
@@ -115,14 +128,27 @@ class RegistryClient:
             max_connections=options.max_connections,
             max_keepalive_connections=options.max_connections,
         )
-        self._http = httpx.AsyncClient(
-            verify=_tls_context(options),
-            timeout=timeout,
-            limits=limits,
-            http2=options.http2,
-            follow_redirects=False,
-            trust_env=False,  # a proxy is configured explicitly, never picked up from the env
-            headers={"User-Agent": "vhostfs"},
+        verify = _tls_context(options)
+
+        def make_client(proxy: str | None) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                verify=verify,
+                timeout=timeout,
+                limits=limits,
+                http2=options.http2,
+                follow_redirects=False,
+                trust_env=False,  # a proxy is configured explicitly, never taken from the env
+                headers={"User-Agent": "vhostfs"},
+                proxy=proxy,
+            )
+
+        self._http = make_client(None)
+        self.routes = Routes(
+            options.proxy,
+            options.mirrors,
+            make_client,
+            timeout=options.first_byte_timeout,
+            clock=clock,
         )
         self.auth = Authenticator(self._http, options.credentials, clock=clock)
         self._redirects: dict[str, _Redirect] = {}
@@ -135,6 +161,7 @@ class RegistryClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        await self.routes.aclose()
         await self._http.aclose()
 
     @property
@@ -181,10 +208,19 @@ class RegistryClient:
                 raise _status_error(response, f"blob {digest} range {offset}+{size}")
             if own and str(response.url) != url:
                 self._redirects[digest] = _Redirect(str(response.url), self._clock() + REDIRECT_TTL)
-            _check_range(response, digest, offset, size)
-            return await _read_exactly(response, size, f"blob {digest} range {offset}+{size}")
+            check_range(response, digest, offset, size)
+            return await read_exactly(response, size, f"blob {digest} range {offset}+{size}")
         finally:
             await response.aclose()
+
+    async def ping(self) -> None:
+        """Check once, without retries, that the registry answers GET /v2/ (authenticating
+        if asked to): RegistryError with a status if it answered otherwise, without one if
+        it could not be reached."""
+        response = await self._exchange("GET", f"{self.options.origin}/v2/", {}, "")
+        await response.aclose()
+        if response.status_code != 200:
+            raise _status_error(response, "registry /v2/")
 
     async def blob_size(self, digest: str) -> int:
         _check_digest(digest)
@@ -234,6 +270,43 @@ class RegistryClient:
         data = await self._retrying(once)
         _verify(data, digest, f"blob {digest}")
         return data
+
+    async def download_blob(
+        self, digest: str, path: str | os.PathLike[str], on_bytes: Callable[[int], None] = _ignore
+    ) -> int:
+        """Stream a whole blob (an image layer) into the file `path`, checked against its
+        digest; returns its size. `on_bytes` hears of every piece written (a progress bar)."""
+        _check_digest(digest)
+
+        async def once() -> int:
+            url = self.url(f"blobs/{digest}")
+            response = await self._exchange("GET", url, {}, self.pull_scope)
+            hasher = hashlib.sha256()
+            size = 0
+            try:
+                if response.status_code != 200:
+                    raise _status_error(response, f"blob {digest}")
+                with open(path, "wb") as out:
+                    try:
+                        async for piece in response.aiter_raw():
+                            out.write(piece)
+                            hasher.update(piece)
+                            size += len(piece)
+                            on_bytes(len(piece))
+                    except httpx.HTTPError as e:
+                        raise RegistryError(
+                            f"blob {digest}: {_describe(e)} after {size} bytes", retryable=True
+                        ) from None
+            finally:
+                await response.aclose()
+            if "sha256:" + hasher.hexdigest() != digest:
+                raise RegistryError(
+                    f"blob {digest}: content has digest sha256:{hasher.hexdigest()}",
+                    retryable=True,
+                )
+            return size
+
+        return await self._retrying(once)
 
     async def get_manifest(self, reference: str, accept: tuple[str, ...]) -> Manifest:
         """The manifest or index `reference` (a tag or a digest) names; a digest reference is
@@ -285,6 +358,39 @@ class RegistryClient:
 
         await self._retrying(once)
 
+    async def push_blob_file(
+        self, digest: str, path: str | os.PathLike[str], on_bytes: Callable[[int], None] = _ignore
+    ) -> None:
+        """Upload a blob from a file without holding it in memory. The file must be the blob
+        `digest` names (the registry checks, and refuses a mismatch)."""
+        _check_digest(digest)
+        size = os.path.getsize(path)
+
+        async def body() -> AsyncIterator[bytes]:
+            with open(path, "rb") as blob:
+                while piece := blob.read(1 << 20):
+                    on_bytes(len(piece))
+                    yield piece
+
+        async def once() -> None:
+            start = await self._exchange(
+                "POST", self.url("blobs/uploads/"), {}, self.push_scope, body=b""
+            )
+            await start.aclose()
+            if start.status_code != 202 or "Location" not in start.headers:
+                raise _status_error(start, f"upload of blob {digest}")
+            location = urljoin(str(start.url), start.headers["Location"])
+            separator = "&" if "?" in location else "?"
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+            done = await self._exchange(
+                "PUT", f"{location}{separator}digest={digest}", headers, self.push_scope, body=body
+            )
+            await done.aclose()
+            if done.status_code != 201:
+                raise _status_error(done, f"upload of blob {digest}")
+
+        await self._retrying(once)
+
     async def put_manifest(self, reference: str, body: bytes, media_type: str) -> str:
         """Push a manifest under a tag or digest; returns its digest."""
 
@@ -326,7 +432,7 @@ class RegistryClient:
         headers: Mapping[str, str],
         scope: str,
         *,
-        body: bytes | None = None,
+        body: Body = None,
         own_origin: bool = True,
     ) -> httpx.Response:
         """Send, authenticate and follow redirects; returns the final response, body unread."""
@@ -384,16 +490,17 @@ class RegistryClient:
         url: str,
         headers: Mapping[str, str],
         authorization: str | None,
-        body: bytes | None,
+        body: Body,
     ) -> httpx.Response:
         all_headers = dict(headers)
         if authorization is not None:
             all_headers["Authorization"] = authorization
-        request = self._http.build_request(method, url, headers=all_headers, content=body)
+        # A streamed body is made afresh for each send: a challenge or redirect sends again.
+        content = body() if callable(body) else body
+        request = self._http.build_request(method, url, headers=all_headers, content=content)
         self.requests += 1
         try:
-            async with asyncio.timeout(self.options.first_byte_timeout or None):
-                return await self._http.send(request, stream=True)
+            return await self.routes.send(self._http, request)
         except TimeoutError:
             raise RegistryError(
                 f"{method} {_redact(url)}: no answer within {self.options.first_byte_timeout} s",
@@ -448,7 +555,7 @@ def _retry_after(value: str | None) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
-def _check_range(response: httpx.Response, digest: str, offset: int, size: int) -> None:
+def check_range(response: httpx.Response, digest: str, offset: int, size: int) -> None:
     what = f"blob {digest} range {offset}+{size}"
     content_range = response.headers.get("Content-Range")
     if content_range is not None:
@@ -467,7 +574,7 @@ def _check_range(response: httpx.Response, digest: str, offset: int, size: int) 
         raise RegistryError(f"{what}: the server ignored the Range header", retryable=False)
 
 
-async def _read_exactly(response: httpx.Response, size: int, what: str) -> bytes:
+async def read_exactly(response: httpx.Response, size: int, what: str) -> bytes:
     """The first `size` body bytes; a body that ends sooner is a (retryable) short read."""
     data = bytearray()
     try:
