@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -66,3 +67,18 @@ def test_readonly_refuses_every_change(tmp_path: Path, flag: str) -> None:
 def test_virtiofsd_and_nydusd_style_flags_are_taken(tmp_path: Path) -> None:
     flags = ("--writeback", "--no-xattr", "--allow-devices", "--thread-pool-size=1")
     assert _session(tmp_path, *flags, "--rlimit-nofile", "4096") == (0, 0, 0)
+
+
+def test_the_open_file_limit_is_raised_at_start(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    sock = tmp_path / "s.sock"
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Start it with a low soft limit, so that only raising it can give the figure below.
+    argv = ["prlimit", f"--nofile=256:{hard}", sys.executable, "-m", "vhostfs", "serve"]
+    argv += ["--socket", str(sock), "--shared-dir", str(share), "--rlimit-nofile", "54321"]
+    with listening_daemon(argv, sock, log_path=tmp_path / "log") as daemon:
+        limits = Path(f"/proc/{daemon.process.pid}/limits").read_text()
+    line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    # Where even root may not raise the hard limit (a container), the hard limit is the most.
+    assert int(line.split()[3]) in (54321, min(54321, hard)), line

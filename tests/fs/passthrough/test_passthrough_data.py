@@ -227,3 +227,13 @@ def test_a_handle_in_use_outlives_its_release() -> None:
     with pytest.raises(FuseError):
         handles.file(fh, NodeId(5))
     assert len(handles) == 0
+
+
+def test_attributes_after_writes_are_fresh(w: Guest) -> None:
+    node, fh = w.create(ROOT, b"grow")
+    before = _attr(w, fc.getattr_(node))
+    time.sleep(0.01)
+    w.send(fc.write(node, fh, 0, b"x" * 5000))
+    after = _attr(w, fc.getattr_(node))
+    assert (before.size, after.size) == (0, 5000)
+    assert after.mtime * 10**9 + after.mtimensec > before.mtime * 10**9 + before.mtimensec
