@@ -7,6 +7,7 @@ Requests that the file system finishes on a worker thread (fsync, big writes, ..
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import weakref
 from pathlib import Path
@@ -16,6 +17,7 @@ from vhostfs.fs import Passthrough
 from vhostfs.fuse import Dispatcher
 
 ROOT = 1
+Snapshot = dict[str, tuple[object, ...]]
 
 
 class Guest:
@@ -117,3 +119,43 @@ def build_tree(tmp_path: Path) -> Path:
         (many / f"entry-{i:03d}-{'x' * (i % 17)}").write_bytes(b"")
     (tmp_path / "outside.txt").write_bytes(b"must not be reachable")
     return root
+
+
+def snapshot_around(export: Path) -> Snapshot:
+    """Every inode in the export's parent directory but the export's own subtree: type, mode,
+    owner, size, times, link count, content hash or link target, and xattrs."""
+    parent = export.parent
+    seen: Snapshot = {}
+    for dirpath, dirnames, filenames in os.walk(parent, followlinks=False):
+        here = Path(dirpath)
+        if here == parent and export.name in dirnames:
+            dirnames.remove(export.name)
+        for name in [".", *dirnames, *filenames]:
+            path = here / name
+            st = os.lstat(path)
+            if path.is_symlink():
+                content: object = os.readlink(path)
+            elif path.is_file():
+                content = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                content = None
+            try:
+                xattrs = tuple(sorted(os.listxattr(path, follow_symlinks=False)))
+            except OSError:
+                xattrs = ()
+            times = (st.st_mtime_ns, st.st_ctime_ns)
+            if path == parent:
+                # The host's own renames in b13 touch it; additions and removals there are
+                # caught by the entries themselves.
+                times = (0, 0)
+            seen[str(path.relative_to(parent))] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_nlink,
+                *times,
+                content,
+                xattrs,
+            )
+    return seen

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fs.passthrough.conftest import snapshot_around
 from tests.support import fuse_client as fc
-from tests.support.passthrough_guest import ROOT, Guest
+from tests.support.passthrough_guest import ROOT, Guest, snapshot_around
 from vhostfs.fuse.abi import SetattrValid as V
 
 Attack = Callable[[Guest, Path], None]
