@@ -21,6 +21,8 @@ queue-depth modes:
   GETATTR   of looked-up files
   READ 4K   warm host page cache, file opened once, offsets walking the file
   READ 128K the same, 128 KiB per request; also daemon CPU seconds per GiB read
+  WRITE 4K  to a second file opened read-write, offsets walking it (host page cache)
+  WRITE 128K the same, 128 KiB per request
 
 Servers: vhostfs (`python -m vhostfs serve`), virtiofsd with its defaults (-o cache=auto) and
 virtiofsd --thread-pool-size=0; QEMU 7.2's virtiofsd already defaults to no pool, so those two
@@ -29,7 +31,7 @@ Daemon CPU comes from /proc/PID/stat (utime+stime, all threads, and forked child
 virtiofsd's sandbox child), peak RSS from VmHWM in /proc/PID/status at the end of a round.
 
     .venv/bin/python qemu/bench-daemon.py [--quick] [--rounds N] [--seconds S] [--json FILE]
-        [--servers vhostfs,virtiofsd,...] [--ops lookup,getattr,read4k,read128k]
+        [--servers vhostfs,virtiofsd,...] [--ops lookup,getattr,read4k,read128k,write4k,...]
         [--tree NAME=PATH]   # also run vhostfs from another source tree, e.g. before a change
 
 The default run takes about two minutes, --quick about 30 s.
@@ -75,14 +77,19 @@ KiB = 1024
 MiB = 1 << 20
 GiB = 1 << 30
 
-OPS = ["lookup", "getattr", "read4k", "read128k"]
+WRITE_FILE = b"write.bin"
+OPS = ["lookup", "getattr", "read4k", "read128k", "write4k", "write128k"]
 OP_TITLES = {
     "lookup": "LOOKUP",
     "getattr": "GETATTR",
     "read4k": "READ 4K",
     "read128k": "READ 128K",
+    "write4k": "WRITE 4K",
+    "write128k": "WRITE 128K",
 }
 READ_SIZES = {"read4k": 4 * KiB, "read128k": 128 * KiB}
+WRITE_SIZES = {"write4k": 4 * KiB, "write128k": 128 * KiB}
+WRITE_OUT = 8
 # A Linux guest's INIT flags, roughly (no DAX, no writeback cache).
 INIT_FLAGS = (
     fc.ASYNC_READ
@@ -207,6 +214,10 @@ class Session:
         self.data_node = fc.parse_entry_out(check(reply, "LOOKUP data")).nodeid
         reply = self.request(fc.open_(self.data_node), 16 + 16)
         self.data_fh, _ = fc.parse_open_out(check(reply, "OPEN data"))
+        reply = self.request(fc.lookup(fc.ROOT, WRITE_FILE), 16 + ENTRY_OUT)
+        self.write_node = fc.parse_entry_out(check(reply, "LOOKUP write")).nodeid
+        reply = self.request(fc.open_(self.write_node, os.O_RDWR), 16 + 16)
+        self.write_fh, _ = fc.parse_open_out(check(reply, "OPEN write"))
         self.queue: FastQueue = self.fe.fast_queue(QUEUE)
 
     def request(self, req: bytes, reply_size: int) -> bytes:
@@ -235,6 +246,19 @@ class Session:
         req = fc.read(self.data_node, self.data_fh, 0, size)
         return [self.chain(req, [16] + [PAGE] * (size // PAGE), align=PAGE) for _ in range(n)]
 
+    def write_chains(self, n: int, size: int) -> list[FixedChain]:
+        """WRITE chains split as the driver splits them: header, write_in, then data pages."""
+        req = fc.write(self.write_node, self.write_fh, 0, os.urandom(size))
+        head, args = fc.IN_HEADER_SIZE, fc.IN_HEADER_SIZE + 40
+        pages = [req[i : i + PAGE] for i in range(args, len(req), PAGE)]
+        ring = self.fe.rings[QUEUE]
+        return [
+            ring.add_fixed_chain(
+                [req[:head], req[head:args], *pages], [16, WRITE_OUT], indirect=True, align=PAGE
+            )
+            for _ in range(n)
+        ]
+
     def out_header(self, chain: FixedChain) -> tuple[int, int]:
         """(len, error) of the reply in chain's first writable buffer."""
         gpa, _ = chain.writable[0]
@@ -262,13 +286,13 @@ class Workload:
 
     chains: list[FixedChain]
     reply_len: int
-    read_size: int = 0
+    read_size: int = 0  # bytes each request moves (READ or WRITE), 0 for metadata ops
     _offset_views: list[memoryview] = field(default_factory=list)
     _next: int = 0
 
     def bind(self, mem: GuestMemory) -> None:
         if self.read_size:
-            # read_in is the second readable buffer; its offset field sits at byte 8.
+            # read_in / write_in is the second readable buffer; its offset sits at byte 8.
             self._offset_views = [
                 guest_view(mem, chain.readable[1][0] + 8, 8) for chain in self.chains
             ]
@@ -280,7 +304,7 @@ class Workload:
         self._offset_views = []
 
     def retarget(self, i: int) -> None:
-        """Point chain i's READ at the next offset of the walk through the data file."""
+        """Point chain i's READ or WRITE at the next offset of the walk through its file."""
         struct.pack_into("<Q", self._offset_views[i], 0, self._next)
         self._next = (self._next + self.read_size) % DATA_SIZE
 
@@ -355,6 +379,7 @@ def make_share(root: Path) -> None:
             f.write(block)
     for name in NAMES:
         (root / os.fsdecode(name)).write_bytes(b"x" * 100)
+    (root / os.fsdecode(WRITE_FILE)).write_bytes(b"")
     # Warm the host page cache.
     with open(root / os.fsdecode(DATA_FILE), "rb") as f:
         while f.read(4 * MiB):
@@ -393,6 +418,8 @@ def prepare(s: Session, batch: int) -> dict[str, Workload]:
         "getattr": Workload(s.getattr_chains(nodes), 16 + ATTR_OUT),
         "read4k": Workload(s.read_chains(batch, 4 * KiB), 16 + 4 * KiB, 4 * KiB),
         "read128k": Workload(s.read_chains(batch, 128 * KiB), 16 + 128 * KiB, 128 * KiB),
+        "write4k": Workload(s.write_chains(batch, 4 * KiB), 16 + WRITE_OUT, 4 * KiB),
+        "write128k": Workload(s.write_chains(batch, 128 * KiB), 16 + WRITE_OUT, 128 * KiB),
     }
     for work in workloads.values():
         work.bind(s.mem)
@@ -532,6 +559,7 @@ def report(
     for title, metric, shown in (
         ("ops/s (median [min-max]); ratio > 1 means vhostfs is faster", "ops_per_s", ops),
         ("READ MB/s (median [min-max])", "mb_per_s", [op for op in ops if op in READ_SIZES]),
+        ("WRITE MB/s (median [min-max])", "mb_per_s", [op for op in ops if op in WRITE_SIZES]),
     ):
         rows = []
         for op in shown:

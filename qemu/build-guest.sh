@@ -28,6 +28,7 @@ WANTED_MODULES=(
     virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
     fuse virtiofs
     virtio_blk erofs
+    overlay
 )
 
 log() { printf 'build-guest: %s\n' "$*" >&2; }

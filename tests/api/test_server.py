@@ -54,7 +54,7 @@ def test_a_real_client_polls_like_kata(tmp_path: Path) -> None:
             assert (
                 await http.delete("/api/v1/mount?mountpoint=/rafs/c1/lowerdir")
             ).status_code == 204
-        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600, "only our own user may connect"
+        assert stat.S_IMODE(os.stat(sock).st_mode) & 0o077 == 0, "only our own user may connect"
         await server.aclose()
         assert not sock.exists()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -81,6 +82,9 @@ def test_kata_go_sequence(kata_go: Nydusd, shared: Path, tmp_path: Path) -> None
     assert info["id"] is None and isinstance(info["version"], dict)
     assert kata_go.log().count("ignoring virtiofsd arguments") == 1
     assert (tmp_path / "vhost-fs.sock").exists(), "the vhost socket listens before RUNNING"
+    # The daemon runs with umask 0 (for the writable passthrough); its sockets stay ours alone.
+    for sock in (tmp_path / "vhost-fs.sock", kata_go.apisock):
+        assert stat.S_IMODE(os.stat(sock).st_mode) & 0o077 == 0, sock
 
     body = {"fs_type": "passthrough_fs", "source": str(shared), "config": ""}
     mounted = kata_go.api.post("/api/v1/mount?mountpoint=/containers", json=body)

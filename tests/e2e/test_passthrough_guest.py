@@ -2,7 +2,8 @@
 
 The tree has over 500 entries: nested directories, empty files, files over 8 MiB, symlinks
 (relative, absolute, dangling), hard links, and names with spaces and UTF-8. The guest lists and
-checksums everything; the host compares with its own view. Writes must fail with EROFS.
+checksums everything; the host compares with its own view. Exported with --readonly, writes
+must fail with EROFS.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def daemon(share: Path) -> Iterator[DaemonProcess]:
             str(sock),
             "--shared-dir",
             str(share),
+            "--readonly",
         ]
         with listening_daemon(argv, sock, log_path=tmp / "daemon.log") as d:
             yield d

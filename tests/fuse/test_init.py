@@ -62,11 +62,17 @@ def test_reply_is_intersection_with_kernel_wants() -> None:
     assert out.flags == fc.ASYNC_READ | fc.MAX_PAGES
 
 
-def test_never_dax_writeback_or_locks_even_if_fs_asks() -> None:
-    bad = InitFlag.WRITEBACK_CACHE | InitFlag.POSIX_LOCKS | InitFlag.MAP_ALIGNMENT
+def test_never_dax_or_locks_even_if_fs_asks() -> None:
+    bad = InitFlag.POSIX_LOCKS | InitFlag.MAP_ALIGNMENT
     out = fc.handshake(Dispatcher(Recorder(add=bad | InitFlag.HAS_INODE_DAX)).handle)
-    assert out.flags & (fc.WRITEBACK_CACHE | fc.POSIX_LOCKS | fc.MAP_ALIGNMENT) == 0
+    assert out.flags & (fc.POSIX_LOCKS | fc.MAP_ALIGNMENT) == 0
     assert out.flags2 == 0
+
+
+def test_writeback_only_when_the_fs_asks() -> None:
+    assert fc.handshake(Dispatcher(Recorder()).handle).flags & fc.WRITEBACK_CACHE == 0
+    out = fc.handshake(Dispatcher(Recorder(add=InitFlag.WRITEBACK_CACHE)).handle)
+    assert out.flags & fc.WRITEBACK_CACHE
 
 
 def test_fs_can_add_cache_symlinks_and_drop_readdirplus() -> None:

@@ -169,27 +169,42 @@ def getattr_(node: int, fh: int | None = None, **kw: Any) -> bytes:
     return request(GETATTR, node, body, **kw)
 
 
-def setattr_(node: int, valid: int = 1, mode: int = 0o644, size: int = 0) -> bytes:
+def setattr_(
+    node: int,
+    valid: int = 1,
+    mode: int = 0o644,
+    size: int = 0,
+    *,
+    fh: int = 0,
+    uid: int = 0,
+    gid: int = 0,
+    atime: int = 0,
+    mtime: int = 0,
+    **kw: Any,
+) -> bytes:
+    """valid is FATTR_* bits; uid/gid are the new owner (the caller's ids go in kw)."""
     body = struct.pack(
-        "<IIQQQqqqIIIIIIII", valid, 0, 0, size, 0, 0, 0, 0, 0, 0, 0, mode, 0, 0, 0, 0
+        "<IIQQQqqqIIIIIIII", valid, 0, fh, size, 0, atime, mtime, 0, 0, 0, 0, mode, 0, uid, gid, 0
     )
-    return request(SETATTR, node, body)
+    return request(SETATTR, node, body, **kw)
 
 
 def readlink(node: int) -> bytes:
     return request(READLINK, node)
 
 
-def symlink(parent: int, name: bytes, target: bytes) -> bytes:
-    return request(SYMLINK, parent, _z(name) + _z(target))
+def symlink(parent: int, name: bytes, target: bytes, **kw: Any) -> bytes:
+    return request(SYMLINK, parent, _z(name) + _z(target), **kw)
 
 
-def mknod(parent: int, name: bytes, mode: int = 0o100644, rdev: int = 0) -> bytes:
-    return request(MKNOD, parent, struct.pack("<IIII", mode, rdev, 0o022, 0) + _z(name))
+def mknod(
+    parent: int, name: bytes, mode: int = 0o100644, rdev: int = 0, **kw: Any
+) -> bytes:
+    return request(MKNOD, parent, struct.pack("<IIII", mode, rdev, 0o022, 0) + _z(name), **kw)
 
 
-def mkdir(parent: int, name: bytes, mode: int = 0o755) -> bytes:
-    return request(MKDIR, parent, struct.pack("<II", mode, 0o022) + _z(name))
+def mkdir(parent: int, name: bytes, mode: int = 0o755, **kw: Any) -> bytes:
+    return request(MKDIR, parent, struct.pack("<II", mode, 0o022) + _z(name), **kw)
 
 
 def unlink(parent: int, name: bytes) -> bytes:
@@ -237,9 +252,19 @@ def readdirplus(node: int, fh: int, offset: int = 0, size: int = 4096) -> bytes:
     return request(READDIRPLUS, node, _read_in(fh, offset, size))
 
 
-def write(node: int, fh: int, offset: int, data: bytes, *, size: int | None = None) -> bytes:
-    body = struct.pack("<QQIIQII", fh, offset, len(data) if size is None else size, 0, 0, 0, 0)
-    return request(WRITE, node, body + data)
+def write(
+    node: int,
+    fh: int,
+    offset: int,
+    data: bytes,
+    *,
+    size: int | None = None,
+    write_flags: int = 0,
+    **kw: Any,
+) -> bytes:
+    length = len(data) if size is None else size
+    body = struct.pack("<QQIIQII", fh, offset, length, write_flags, 0, 0, 0)
+    return request(WRITE, node, body + data, **kw)
 
 
 def statfs(node: int = ROOT) -> bytes:
@@ -287,9 +312,13 @@ def access(node: int, mask: int, **kw: Any) -> bytes:
 
 
 def create(
-    parent: int, name: bytes, flags: int = os.O_WRONLY | os.O_CREAT, mode: int = 0o644
+    parent: int,
+    name: bytes,
+    flags: int = os.O_WRONLY | os.O_CREAT,
+    mode: int = 0o644,
+    **kw: Any,
 ) -> bytes:
-    return request(CREATE, parent, struct.pack("<IIII", flags, mode, 0o022, 0) + _z(name))
+    return request(CREATE, parent, struct.pack("<IIII", flags, mode, 0o022, 0) + _z(name), **kw)
 
 
 def tmpfile(parent: int, flags: int = os.O_RDWR, mode: int = 0o600) -> bytes:
@@ -312,8 +341,18 @@ def lseek(node: int, fh: int, offset: int, whence: int) -> bytes:
     return request(LSEEK, node, struct.pack("<QqII", fh, offset, whence, 0))
 
 
-def copy_file_range(node: int, fh_in: int, node_out: int, fh_out: int, length: int) -> bytes:
-    body = struct.pack("<QQQQQQQ", fh_in, 0, node_out, fh_out, 0, length, 0)
+def copy_file_range(
+    node: int,
+    fh_in: int,
+    node_out: int,
+    fh_out: int,
+    length: int,
+    *,
+    off_in: int = 0,
+    off_out: int = 0,
+    flags: int = 0,
+) -> bytes:
+    body = struct.pack("<QQQQQQQ", fh_in, off_in, node_out, fh_out, off_out, length, flags)
     return request(COPY_FILE_RANGE, node, body)
 
 

@@ -38,9 +38,13 @@ class ApiServer:
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise FileExistsError(f"{path} exists and is not a socket")
             os.unlink(path)
-        self._server = await asyncio.start_unix_server(self._serve_client, path)
-        # Whoever can connect can mount host directories into the guest: only our own user.
-        os.chmod(path, 0o600)
+        # Whoever can connect can mount host directories into the guest: only our own user,
+        # from the moment the socket exists (a writable passthrough runs with umask 0).
+        old_umask = os.umask(0o077)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve_client, path)
+        finally:
+            os.umask(old_umask)
         self.path = path
 
     async def aclose(self) -> None:

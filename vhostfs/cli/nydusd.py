@@ -102,6 +102,10 @@ def virtiofs(ctx: click.Context, /, **flags: Any) -> None:
             "set virtio_fs_extra_args = [] for vhostfs"
         )
     raise_nofile_limit(given.get("rlimit_nofile", 1_000_000))
+    # The writable passthrough Kata mounts at /containers creates files with the modes the
+    # guest asked for (its umask already applied): ours must not take bits away. Our own
+    # sockets and cache directories set their modes themselves.
+    os.umask(0)
     mounts = _initial_mount(given)
     mountpoint = given["virtual_mountpoint"]
     apisock = given.get("apisock")

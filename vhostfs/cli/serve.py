@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from vhostfs.cli.common import LOG_LEVELS, image_mount, rafs_mount, setup_logging
@@ -15,6 +17,7 @@ from vhostfs.daemon import (
     SocketPath,
 )
 from vhostfs.daemon.config import CachePolicy
+from vhostfs.daemon.process import raise_nofile_limit
 
 
 @click.command()
@@ -34,7 +37,32 @@ from vhostfs.daemon.config import CachePolicy
 @click.option(
     "--shared-dir",
     type=click.Path(exists=True, file_okay=False),
-    help="Host directory to export (read-only for now).",
+    help="Host directory to export, read-write unless --readonly.",
+)
+@click.option("--readonly", is_flag=True, help="Export --shared-dir read-only (EROFS to writes).")
+@click.option(
+    "--writeback/--no-writeback",
+    default=False,
+    show_default=True,
+    help="Let the guest's page cache hold writes (FUSE writeback cache), as nydusd does.",
+)
+@click.option(
+    "--xattr/--no-xattr",
+    default=True,
+    show_default=True,
+    help="Serve extended attributes (user.*, trusted.*, security.* as far as privileges go).",
+)
+@click.option(
+    "--allow-devices",
+    is_flag=True,
+    help="Let the guest create block and char devices in --shared-dir (whiteouts always).",
+)
+@click.option(
+    "--rlimit-nofile",
+    type=click.IntRange(min=0),
+    default=1_000_000,
+    show_default=True,
+    help="Raise the open-file limit to this (capped by fs.nr_open; 0 leaves it alone).",
 )
 @click.option(
     "--bootstrap",
@@ -90,9 +118,8 @@ from vhostfs.daemon.config import CachePolicy
 @click.option("--syslog", is_flag=True, help="Log to syslog instead of stderr.")
 @click.option(
     "--thread-pool-size",
-    type=int,
-    hidden=True,
-    help="Accepted for virtiofsd compatibility; requests run on the event loop.",
+    type=click.IntRange(min=0),
+    help="Threads for the passthrough's blocking work (fsync, big writes); default 4.",
 )
 @click.option(
     "--announce-submounts", is_flag=True, hidden=True, help="Accepted for virtiofsd compatibility."
@@ -101,6 +128,11 @@ def serve(
     socket_path: str | None,
     listen_fd: int | None,
     shared_dir: str | None,
+    readonly: bool,
+    writeback: bool,
+    xattr: bool,
+    allow_devices: bool,
+    rlimit_nofile: int,
     bootstrap: str | None,
     image_ref: str | None,
     insecure: bool,
@@ -125,7 +157,18 @@ def serve(
         raise click.UsageError("give exactly one of --shared-dir, --bootstrap and --image")
     mount: MountConfig
     if shared_dir is not None:
-        mount = PassthroughMountConfig(shared_dir, _CACHE_POLICIES[cache])
+        mount = PassthroughMountConfig(
+            shared_dir,
+            _CACHE_POLICIES[cache],
+            readonly=readonly,
+            xattr=xattr,
+            writeback=writeback,
+            allow_devices=allow_devices,
+            workers=max(1, thread_pool_size or 4),
+        )
+        if not readonly:
+            # Modes arrive with the guest caller's umask applied; ours must not add to it.
+            os.umask(0)
     elif image_ref is not None:
         if config_path or blob_dir or blob_files:
             raise click.UsageError("--image takes its backend from the image reference")
@@ -140,6 +183,7 @@ def serve(
         mounts=(("/", mount),),
         num_request_queues=num_request_queues,
     )
+    raise_nofile_limit(rlimit_nofile)
     try:
         Daemon(config).run()
     except MountError as e:

@@ -17,10 +17,16 @@ CachePolicy: TypeAlias = Literal["auto", "always", "never"]
 
 @dataclass(frozen=True, slots=True)
 class PassthroughMountConfig:
-    """A host directory, exported as virtiofsd exports it."""
+    """A host directory, exported as virtiofsd exports it: read-write with xattrs unless told
+    otherwise. nydusd exports Kata's /containers with writeback=True and xattr=True."""
 
     shared_dir: str
     cache: CachePolicy = "auto"
+    readonly: bool = False
+    xattr: bool = True
+    writeback: bool = False  # the guest's page cache holds writes (FUSE writeback cache)
+    allow_devices: bool = False  # let the guest create block and char devices (not whiteouts)
+    workers: int = 4  # threads for blocking work (fsync, big writes, fallocate, copies)
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,7 +142,8 @@ class DaemonController:
 
 def _mount_config(command: MountCommand) -> MountConfig:
     if command.fs_type == "passthrough":
-        return PassthroughMountConfig(command.source)
+        # As nydusd exports it (reference §2.3): read-write, xattrs on, the writeback cache.
+        return PassthroughMountConfig(command.source, writeback=True)
     try:
         storage = parse_config(command.config)
     except ConfigError as e:

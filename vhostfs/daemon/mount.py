@@ -78,7 +78,16 @@ class PassthroughMount(Mount):
 
     async def open(self) -> None:
         try:
-            self._fs = Passthrough(self.config.shared_dir, cache=self.config.cache)
+            config = self.config
+            self._fs = Passthrough(
+                config.shared_dir,
+                cache=config.cache,
+                readonly=config.readonly,
+                xattr=config.xattr,
+                writeback=config.writeback,
+                allow_devices=config.allow_devices,
+                workers=config.workers,
+            )
         except OSError as e:
             raise MountError(f"{self.config.shared_dir}: {e.strerror}") from None
 

@@ -44,7 +44,7 @@ OFFERED: Final = (
     | InitFlag.MAX_PAGES
     | InitFlag.INIT_EXT
 )
-# What a file system may add on top. Everything else (DAX map alignment, writeback cache, locks,
+# What a file system may add on top. Everything else (DAX map alignment, locks,
 # security contexts, ...) needs support this dispatcher does not have.
 ALLOWED: Final = (
     OFFERED
@@ -52,6 +52,7 @@ ALLOWED: Final = (
     | InitFlag.EXPLICIT_INVAL_DATA
     | InitFlag.SUBMOUNTS
     | InitFlag.NO_OPENDIR_SUPPORT
+    | InitFlag.WRITEBACK_CACHE  # the writable passthrough's --writeback
 )
 _LOW32: Final = 0xFFFF_FFFF
 

@@ -103,7 +103,8 @@ class ImageStorage:
         self, blobs: Sequence[BlobInfo], work_dir: str | os.PathLike[str] | None
     ) -> None:
         if work_dir is not None:
-            os.makedirs(work_dir, exist_ok=True)
+            # Ours alone: a planted chunk map and data file would be served as if verified.
+            os.makedirs(work_dir, mode=0o700, exist_ok=True)
         names = blob_names([blob.blob_id for blob in blobs])
         for position, (info, name) in enumerate(zip(blobs, names, strict=True)):
             if info.index != position:

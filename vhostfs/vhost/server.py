@@ -27,12 +27,17 @@ def listen_unix(path: str) -> socket.socket:
             raise FileExistsError(f"{path} exists and is not a socket")
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Only our own user may connect (a writable passthrough runs with umask 0): whoever
+    # connects gets the export.
+    old_umask = os.umask(0o077)
     try:
         listener.bind(path)
         listener.listen(1)
     except BaseException:
         listener.close()
         raise
+    finally:
+        os.umask(old_umask)
     return listener
 
 

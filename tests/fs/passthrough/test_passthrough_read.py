@@ -1,4 +1,5 @@
-"""Passthrough over real host directories, driven with real FUSE bytes through the dispatcher."""
+"""The read-only passthrough (--readonly) over real host directories, driven with real FUSE
+bytes through the dispatcher."""
 
 import contextlib
 import errno
@@ -13,105 +14,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support import fuse_client as fc
+from tests.support.passthrough_guest import ROOT, Guest, build_tree
 from vhostfs.fs import Passthrough
 from vhostfs.fs.passthrough import CachePolicy
-from vhostfs.fuse import Dispatcher
-
-ROOT = 1
-
-
-class Guest:
-    """Talks FUSE to a Passthrough the way the guest kernel would."""
-
-    def __init__(self, fs: Passthrough, **init_kw: object) -> None:
-        self.fs = fs
-        self.d = Dispatcher(fs)
-        self.init = fc.handshake(self.d.handle, **init_kw)
-
-    def send(self, raw: bytes, writable_len: int = 1 << 21) -> fc.BufferRequest:
-        req = fc.exchange(self.d.handle, raw, writable_len)
-        assert req.completed
-        return req
-
-    def errno_of(self, raw: bytes) -> int:
-        return self.send(raw).error
-
-    def lookup(self, parent: int, name: bytes) -> fc.EntryOut:
-        return fc.parse_entry_out(self.send(fc.lookup(parent, name)).payload)
-
-    def walk(self, *names: bytes) -> int:
-        node = ROOT
-        for name in names:
-            node = self.lookup(node, name).nodeid
-        return node
-
-    def open(self, node: int, flags: int = os.O_RDONLY) -> int:
-        return fc.parse_open_out(self.send(fc.open_(node, flags)).payload)[0]
-
-    def opendir(self, node: int) -> int:
-        return fc.parse_open_out(self.send(fc.opendir(node)).payload)[0]
-
-    def read(self, node: int, fh: int, offset: int, size: int) -> bytes:
-        return self.send(fc.read(node, fh, offset, size)).payload
-
-    def nlookup(self, node: int) -> int:
-        try:
-            return self.fs.inodes.get(node).nlookup  # type: ignore[arg-type]
-        except Exception:
-            return 0
-
-    def listing(self, node: int, size: int, plus: bool = False) -> list[tuple[int, fc.Dirent]]:
-        """Page through a whole directory; (nodeid, dirent) per entry (nodeid 0 for READDIR)."""
-        fh = self.opendir(node)
-        out: list[tuple[int, fc.Dirent]] = []
-        offset = 0
-        while True:
-            build = fc.readdirplus if plus else fc.readdir
-            payload = self.send(build(node, fh, offset, size)).payload
-            if not payload:
-                break
-            if plus:
-                page = [(e.nodeid, de) for e, de in fc.parse_direntplus(payload)]
-            else:
-                page = [(0, de) for de in fc.parse_dirents(payload)]
-            out += page
-            offset = page[-1][1].off
-        assert self.send(fc.releasedir(node, fh)).error == 0
-        return out
 
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    root = tmp_path / "export"
-    root.mkdir()
-    (root / "file.txt").write_bytes(b"hello world\n")
-    os.link(root / "file.txt", root / "hard")
-    (root / "big.bin").write_bytes(os.urandom(3 << 20))
-    (root / "sub" / "deeper").mkdir(parents=True)
-    (root / "sub" / "inner.txt").write_bytes(b"inner")
-    (root / "link_etc").symlink_to("/etc")
-    (root / "up").symlink_to("..")
-    (root / "rel").symlink_to("sub/inner.txt")
-    (root / "exec.sh").write_bytes(b"#!/bin/sh\n")
-    (root / "exec.sh").chmod(0o755)
-    (root / "private").write_bytes(b"secret")
-    (root / "private").chmod(0o600)
-    os.mkfifo(root / "fifo")
-    with open(root / "sparse", "wb") as f:
-        f.truncate(8 << 20)
-        f.seek(4 << 20)
-        f.write(b"data" * 1024)
-    many = root / "many"
-    many.mkdir()
-    for i in range(150):
-        (many / f"entry-{i:03d}-{'x' * (i % 17)}").write_bytes(b"")
-    (tmp_path / "outside.txt").write_bytes(b"must not be reachable")
-    return root
+    return build_tree(tmp_path)
 
 
 @pytest.fixture
 def fs(tree: Path) -> Iterator[Passthrough]:
-    passthrough = Passthrough(tree)
+    passthrough = Passthrough(tree, readonly=True)
     yield passthrough
     passthrough.close()
 
@@ -416,7 +331,7 @@ def test_xattrs_of_a_symlink_are_its_own(g: Guest, tree: Path) -> None:
 
 
 def test_xattr_disabled_is_enosys(tree: Path) -> None:
-    fs = Passthrough(tree, xattr=False)
+    fs = Passthrough(tree, xattr=False, readonly=True)
     try:
         g = Guest(fs)
         assert g.errno_of(fc.getxattr(ROOT, b"user.x", 0)) == errno.ENOSYS
@@ -501,7 +416,7 @@ def test_cache_policies(
     plus: bool,
     symlinks: bool,
 ) -> None:
-    fs = Passthrough(tree, cache=cache)
+    fs = Passthrough(tree, cache=cache, readonly=True)
     try:
         g = Guest(fs)
         assert bool(g.init.flags & fc.DO_READDIRPLUS) == plus
@@ -535,6 +450,7 @@ def test_close_releases_every_descriptor(tree: Path) -> None:
     g.opendir(ROOT)
     g.listing(g.walk(b"many"), 4096, plus=True)
     fs.close()
+    g.loop.close()  # the test guest's own event loop holds descriptors too
     assert len(os.listdir("/proc/self/fd")) == baseline
 
 
@@ -569,7 +485,7 @@ def _unexpected_failures() -> Iterator[list[logging.LogRecord]]:
     body=st.binary(max_size=96),
 )
 def test_garbage_requests_change_nothing(tree: Path, opcode: int, node: int, body: bytes) -> None:
-    fs = Passthrough(tree)
+    fs = Passthrough(tree, readonly=True)
     try:
         g = Guest(fs)
         g.walk(b"sub", b"inner.txt")

@@ -1,0 +1,84 @@
+"""`vhostfs serve --shared-dir`: read-write by default, --readonly as before, over the real
+vhost-user socket with the test front-end playing the guest driver."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import fuse_client as fc
+from tests.support.frontend import Frontend
+from tests.support.guest import GuestMemory
+from tests.support.vm import listening_daemon
+
+QUEUE = 1
+ENTRY_AND_OPEN = 16 + 128 + 16
+
+
+def _errno(reply: bytes) -> int:
+    return -fc.parse_out_header(reply).error
+
+
+def _session(tmp_path: Path, *flags: str) -> tuple[int, int, int]:
+    """Create, write and mkdir once; returns the three errnos."""
+    share = tmp_path / "share"
+    share.mkdir(exist_ok=True)
+    sock = tmp_path / "s.sock"
+    argv = [sys.executable, "-m", "vhostfs", "serve", "--socket", str(sock)]
+    argv += ["--shared-dir", str(share), *flags]
+    with listening_daemon(argv, sock, log_path=tmp_path / "log") as daemon, GuestMemory(
+        ((0x10_0000, 8 << 20),)
+    ) as mem:
+        frontend = Frontend(sock, mem)
+        try:
+            frontend.init()
+            frontend.start()
+            assert _errno(frontend.request(QUEUE, fc.init(), 16 + 64)) == 0
+            created = frontend.request(QUEUE, fc.create(fc.ROOT, b"f", os.O_RDWR), ENTRY_AND_OPEN)
+            write_err = errno.EBADF
+            if _errno(created) == 0:
+                node = fc.parse_entry_out(created[16:]).nodeid
+                fh = fc.parse_open_out(created, 16 + 128)[0]
+                write_err = _errno(frontend.request(QUEUE, fc.write(node, fh, 0, b"hi"), 24))
+            made = frontend.request(QUEUE, fc.mkdir(fc.ROOT, b"d"), 16 + 128)
+        finally:
+            frontend.close()
+        assert daemon.process.wait(10) == 0, daemon.log()
+    return _errno(created), write_err, _errno(made)
+
+
+def test_read_write_by_default(tmp_path: Path) -> None:
+    assert _session(tmp_path) == (0, 0, 0)
+    assert (tmp_path / "share" / "f").read_bytes() == b"hi"
+    assert (tmp_path / "share" / "d").is_dir()
+
+
+@pytest.mark.parametrize("flag", ["--readonly"])
+def test_readonly_refuses_every_change(tmp_path: Path, flag: str) -> None:
+    assert _session(tmp_path, flag) == (errno.EROFS, errno.EBADF, errno.EROFS)
+    assert list((tmp_path / "share").iterdir()) == []
+
+
+def test_virtiofsd_and_nydusd_style_flags_are_taken(tmp_path: Path) -> None:
+    flags = ("--writeback", "--no-xattr", "--allow-devices", "--thread-pool-size=1")
+    assert _session(tmp_path, *flags, "--rlimit-nofile", "4096") == (0, 0, 0)
+
+
+def test_the_open_file_limit_is_raised_at_start(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    sock = tmp_path / "s.sock"
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Start it with a low soft limit, so that only raising it can give the figure below.
+    argv = ["prlimit", f"--nofile=256:{hard}", sys.executable, "-m", "vhostfs", "serve"]
+    argv += ["--socket", str(sock), "--shared-dir", str(share), "--rlimit-nofile", "54321"]
+    with listening_daemon(argv, sock, log_path=tmp_path / "log") as daemon:
+        limits = Path(f"/proc/{daemon.process.pid}/limits").read_text()
+    line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    # Where even root may not raise the hard limit (a container), the hard limit is the most.
+    assert int(line.split()[3]) in (54321, min(54321, hard)), line
