@@ -119,10 +119,14 @@ def runtime_rs_argv(sandbox: Path) -> list[str]:
     ]
 
 
-def wait_for(path: Path, done: threading.Event, timeout: float = 300) -> None:
+def wait_for(
+    path: Path, done: threading.Event, result: list[GuestResult], timeout: float = 300
+) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        assert not done.is_set(), f"the guest ended before {path.name}"
+        if done.is_set():
+            shown = (result[0].output + result[0].console[-3000:]) if result else "no result"
+            raise AssertionError(f"the guest ended before {path.name}:\n{shown}")
         assert time.monotonic() < deadline, f"no {path}"
         time.sleep(0.1)
 
@@ -168,11 +172,11 @@ def test_kata_replay(image: tuple[Path, Path], argv: Callable[[Path], list[str]]
 
             thread = threading.Thread(target=guest)
             thread.start()
-            wait_for(shared / "step1", done)
+            wait_for(shared / "step1", done, result)
             # A second container while the first runs; Kata Go sends the mountpoint raw.
             made = api.post("/api/v1/mount?mountpoint=/rafs/c2/lowerdir", json=rafs("c2"))
             assert made.status_code == 204, made.text
-            wait_for(shared / "step2", done)
+            wait_for(shared / "step2", done, result)
             # runtime-rs percent-encodes it; DELETE carries no body.
             gone = api.delete("/api/v1/mount?mountpoint=%2Frafs%2Fc1%2Flowerdir")
             assert gone.status_code == 204, gone.text

@@ -18,8 +18,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 from collections import Counter
+from typing import Final
 
 import uvloop
 
@@ -36,6 +38,8 @@ from vhostfs.vhost.virtqueue import RequestHandler
 
 log = logging.getLogger(__name__)
 
+_EXIT_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+
 
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
@@ -46,7 +50,8 @@ class Daemon:
         self._sessions: list[Dispatcher] = []
         self._api: ApiServer | None = None
         self.events = ErrorEvents()  # recent errors, for the API; attached while serving
-        self._serving: asyncio.Task[None] | None = None
+        self._exit = asyncio.Event()
+        self._exits_process = False  # set by run(): serve() is the process's last job
 
     @property
     def state(self) -> DaemonState:
@@ -57,13 +62,23 @@ class Daemon:
         await self._lifecycle.reached(state)
 
     def run(self) -> None:
-        """serve() on a fresh uvloop event loop; returns when the daemon has stopped."""
+        """serve() on a fresh uvloop event loop, as the process's main job; returns when the
+        daemon has stopped. A SIGTERM or SIGINT that comes after that (Kata may send one as
+        the VMM leaves) must not turn a clean exit into death by signal: the process blocks
+        them while it exits."""
+        self._exits_process = True
         uvloop.run(self.serve())
 
     async def serve(self) -> None:
         """Raises MountError when an initial mount cannot open, OSError when a socket cannot be
-        bound; everything is closed again either way."""
-        self._serving = asyncio.current_task()
+        bound; everything is closed again either way.
+
+        SIGTERM and SIGINT ask for an exit from the moment serve() starts until it returns: one
+        arriving while the daemon already stops (the front-end just left, say) changes nothing,
+        so the mounts are always closed and the exit status is 0."""
+        loop = asyncio.get_running_loop()
+        for signum in _EXIT_SIGNALS:
+            loop.add_signal_handler(signum, self.request_exit)
         logging.getLogger().addHandler(self.events)
         try:
             for mountpoint, mount in self.config.mounts:
@@ -74,15 +89,34 @@ class Daemon:
             if self.config.api_socket is not None:
                 self._api = ApiServer(DaemonController(self))
                 await self._api.start(self.config.api_socket)
-            await serve_vhost(listener, self._new_session, 1 + self.config.num_request_queues)
+            await self._serve_until_exit(listener)
         finally:
             await self._stop()
+            if self._exits_process:
+                signal.pthread_sigmask(signal.SIG_BLOCK, _EXIT_SIGNALS)
+            for signum in _EXIT_SIGNALS:
+                loop.remove_signal_handler(signum)
+
+    async def _serve_until_exit(self, listener: socket.socket) -> None:
+        """Serve the front-end until it leaves or an exit is asked for."""
+        queues = 1 + self.config.num_request_queues
+        vhost = asyncio.create_task(serve_vhost(listener, self._new_session, queues))
+        exit_asked = asyncio.create_task(self._exit.wait())
+        try:
+            await asyncio.wait({vhost, exit_asked}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (vhost, exit_asked):
+                task.cancel()
+            await asyncio.gather(vhost, exit_asked, return_exceptions=True)
+        if exit_asked.done() and not exit_asked.cancelled():
+            log.info("exiting as asked (signal or API)")
+        elif (error := vhost.exception()) is not None:
+            raise error
 
     def request_exit(self) -> None:
-        """Stop as SIGTERM would, from inside the event loop (the API's daemon/exit)."""
-        if self._serving is not None:
-            # On the next turn, so the caller's reply goes out first.
-            asyncio.get_running_loop().call_soon(self._serving.cancel)
+        """Stop as SIGTERM does (the API's daemon/exit too); the caller's reply still goes out
+        first, since the daemon only stops on its next turn of the event loop."""
+        self._exit.set()
 
     async def mount(self, mountpoint: str, config: MountConfig) -> None:
         await self.mounts.add(mountpoint, config)

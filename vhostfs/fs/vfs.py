@@ -30,7 +30,6 @@ from dataclasses import replace
 from typing import Final
 
 from vhostfs.fs.pseudo import ROOT_INO, PathError, PseudoDir, PseudoTree
-from vhostfs.fuse.abi import ATTR_SUBMOUNT
 from vhostfs.fuse.ops import (
     ROOT_ID,
     Attr,
@@ -183,8 +182,9 @@ class Vfs(Operations):
         if mount_index is None:
             return EntryOut(NodeId(0), Attr(0, 0), PSEUDO_TIMEOUT, PSEUDO_TIMEOUT)
         root = await self._fs(mount_index).getattr(ROOT_ID, None, ctx)
-        entry = EntryOut(ROOT_ID, replace(root.attr, flags=root.attr.flags | ATTR_SUBMOUNT))
-        entry.entry_timeout = entry.attr_timeout = root.timeout
+        # Not marked ATTR_SUBMOUNT: the guest kernel would make it an automount point, and
+        # overlayfs refuses one as its lowerdir, which is how Kata uses /rafs/<cid>/lowerdir.
+        entry = EntryOut(ROOT_ID, root.attr, root.timeout, root.timeout)
         return self._counted(mount_index, entry)
 
     async def forget(self, batch: Sequence[tuple[NodeId, int]]) -> None:

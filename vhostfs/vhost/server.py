@@ -1,14 +1,14 @@
 """Socket I/O for the vhost-user back-end: accept one front-end, feed its messages to a Backend.
 
 Like virtiofsd, the daemon serves exactly one front-end and exits when it disconnects: QEMU and
-cloud-hypervisor never reconnect a vhost-user-fs back-end, and Kata relies on the exit.
+cloud-hypervisor never reconnect a vhost-user-fs back-end, and Kata relies on the exit. Signals
+are the daemon's business (vhostfs.daemon), which cancels `serve` to stop it.
 """
 
 import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 from collections.abc import Callable
 
@@ -115,12 +115,9 @@ async def serve_connection(conn: socket.socket, backend: Backend) -> None:
 async def serve(
     listener: socket.socket, make_handler: Callable[[], RequestHandler], num_queues: int
 ) -> None:
-    """Accept one front-end and serve it until it goes away, or until SIGTERM/SIGINT."""
+    """Accept one front-end and serve it until it goes away; cancel the call to stop sooner
+    (the daemon does, on SIGTERM). The listener is closed either way."""
     loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    assert main is not None
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, main.cancel)
     try:
         listener.setblocking(False)
         conn, _ = await loop.sock_accept(listener)
@@ -129,9 +126,6 @@ async def serve(
         log.info("front-end connected")
         with conn:
             await serve_connection(conn, Backend(make_handler(), num_queues))
-    except asyncio.CancelledError:
-        log.info("terminated by signal")
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+        listener.close()
         stop_offload()  # every ring has stopped with the connection
