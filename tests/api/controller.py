@@ -57,3 +57,9 @@ class RecordingController:
 
     def prometheus(self) -> str:
         return "vhostfs_up 1\n"
+
+    def runtime_config(self, mount_id: str | None) -> dict[str, str]:
+        return {"registry_auth": ""}
+
+    def set_runtime_config(self, mount_id: str | None, settings: dict[str, str]) -> None:
+        self.calls.append(("config", (mount_id, settings)))

@@ -105,6 +105,11 @@ class Controller(Protocol):
     def prometheus(self) -> str:
         """Every counter in Prometheus' text exposition format."""
 
+    def runtime_config(self, mount_id: str | None) -> dict[str, str]:
+        """A mount's runtime-changeable settings (registry_auth), credentials blanked."""
+
+    def set_runtime_config(self, mount_id: str | None, settings: dict[str, str]) -> None: ...
+
 
 _Handler = Callable[[Controller, ApiRequest], Awaitable[ApiResponse]]
 _Body = Literal["none", "required", "any"]
@@ -268,6 +273,20 @@ async def _metrics(controller: Controller, request: ApiRequest) -> ApiResponse:
 
 for _path in _METRICS:
     _route(_path, "GET", "none")(_metrics)
+
+
+@_route("/api/v1/config", "GET", "none")
+async def _runtime_config(controller: Controller, request: ApiRequest) -> ApiResponse:
+    return ApiResponse.json(200, controller.runtime_config(request.query.get("id")))
+
+
+@_route("/api/v1/config", "PUT", "required")
+async def _set_runtime_config(controller: Controller, request: ApiRequest) -> ApiResponse:
+    settings = _json_object(request.body)
+    if not all(isinstance(value, str) for value in settings.values()):
+        raise ApiError(400, "ParseBody: expected a map of strings")
+    controller.set_runtime_config(request.query.get("id"), settings)
+    return ApiResponse(204)
 
 
 @_route("/metrics", "GET", "none")

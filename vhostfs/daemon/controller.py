@@ -20,6 +20,7 @@ from vhostfs.daemon.mount import MountError, RafsMount
 from vhostfs.daemon.state import DaemonState
 from vhostfs.daemon.table import MountedFs, MountpointError
 from vhostfs.storage import ConfigError, parse_config
+from vhostfs.storage.backend import Reauthenticating
 
 if TYPE_CHECKING:
     from vhostfs.daemon.daemon import Daemon
@@ -126,12 +127,33 @@ class DaemonController:
                 lines += metrics.prometheus_lines(entry.mountpoint, entry.mount.storage)
         return "\n".join(lines) + "\n"
 
+    def runtime_config(self, mount_id: str | None) -> dict[str, str]:
+        backend = self._rafs_backend(mount_id)
+        return {"registry_auth": ""} if isinstance(backend, Reauthenticating) else {}
+
+    def set_runtime_config(self, mount_id: str | None, settings: dict[str, str]) -> None:
+        unknown = sorted(set(settings) - {"registry_auth"})
+        if unknown:
+            raise ApiError(400, f"config: unknown keys {', '.join(unknown)} (registry_auth only)")
+        backend = self._rafs_backend(mount_id)
+        if not isinstance(backend, Reauthenticating):
+            raise ApiError(400, "config: registry_auth needs a registry backend")
+        try:
+            backend.update_auth(settings.get("registry_auth") or None)
+        except ConfigError as e:
+            raise ApiError(400, str(e)) from None
+
+    def _rafs_backend(self, mount_id: str | None) -> object:
+        entry = self._rafs_mount(mount_id)
+        assert isinstance(entry.mount, RafsMount)
+        return entry.mount.storage.backend
+
     def _rafs_mount(self, mount_id: str | None) -> MountedFs:
         """The RAFS mount `mount_id` names (its mountpoint), or the first one, as nydusd."""
         for entry in self._daemon.mounts:
             if isinstance(entry.mount, RafsMount) and mount_id in (None, entry.mountpoint):
                 return entry
-        raise ApiError(404, f"metrics: no RAFS mount {mount_id or ''}".rstrip())
+        raise ApiError(404, f"no RAFS mount {mount_id or ''}".rstrip())
 
     def _mounted(self, mountpoint: str) -> MountedFs:
         entry = self._daemon.mounts.get(mountpoint)

@@ -45,6 +45,14 @@ class BlobBackend(Protocol):
 
 
 @runtime_checkable
+class Reauthenticating(Protocol):
+    def update_auth(self, auth: str | None) -> None:
+        """Use `auth` (base64 "user:password"; None or blank: none) from now on, as nydusd's
+        `PUT /api/v1/config {"registry_auth": ...}` asks; ConfigError when it is malformed."""
+        ...
+
+
+@runtime_checkable
 class LocalBlobFiles(Protocol):
     def local_file(self, blob_id: str) -> LocalFile:
         """The blob's open file, opened on first use; BackendError if there is none."""

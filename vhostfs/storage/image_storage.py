@@ -121,6 +121,11 @@ class ImageStorage:
 
     # --- Reading ---------------------------------------------------------------------------
 
+    @property
+    def backend(self) -> BlobBackend:
+        """Where the blobs come from (the daemon's API reloads registry credentials on it)."""
+        return self._backend
+
     async def read(self, chunks: Sequence[ChunkRef], start: int, end: int) -> list[Segment]:
         """Segments covering file bytes [start, end), in order.
 

@@ -70,6 +70,13 @@ class RegistryBackend:
         except RegistryError as e:
             raise ConfigError(f"device.backend.config: {e}") from None
 
+    def update_auth(self, auth: str | None) -> None:
+        try:
+            credentials = Credentials.from_config(auth, None)
+        except RegistryError as e:
+            raise ConfigError(f"registry_auth: {str(e).removeprefix('auth: ')}") from None
+        self.client.auth.replace_credentials(credentials)
+
     async def read(self, blob_id: str, offset: int, size: int) -> bytes:
         digest = _digest_of(blob_id)
         try:

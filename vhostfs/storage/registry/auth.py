@@ -113,6 +113,12 @@ class Authenticator:
             return f"Basic {self._credentials.basic}"
         return None
 
+    def replace_credentials(self, credentials: Credentials) -> None:
+        """New credentials from now on (nydusd's registry_auth hot reload): tokens bought with
+        the old ones are dropped, and the next challenge is answered with the new ones."""
+        self._credentials = credentials
+        self._tokens.clear()
+
     def forget(self, scope: str) -> None:
         """The registry refused the token we sent: do not send it again."""
         self._tokens.pop(scope, None)
