@@ -335,28 +335,10 @@ class RegistryClient:
     # --- Writing ---------------------------------------------------------------------------
 
     async def push_blob(self, digest: str, data: bytes) -> None:
-        """Upload a blob (monolithic: POST for a session, then PUT with the digest)."""
+        """Upload a blob held in memory, checked against its digest first."""
         _check_digest(digest)
         _verify(data, digest, f"blob {digest} to push")
-
-        async def once() -> None:
-            start = await self._exchange(
-                "POST", self.url("blobs/uploads/"), {}, self.push_scope, body=b""
-            )
-            await start.aclose()
-            if start.status_code != 202 or "Location" not in start.headers:
-                raise _status_error(start, f"upload of blob {digest}")
-            location = urljoin(str(start.url), start.headers["Location"])
-            separator = "&" if "?" in location else "?"
-            headers = {"Content-Type": "application/octet-stream"}
-            done = await self._exchange(
-                "PUT", f"{location}{separator}digest={digest}", headers, self.push_scope, body=data
-            )
-            await done.aclose()
-            if done.status_code != 201:
-                raise _status_error(done, f"upload of blob {digest}")
-
-        await self._retrying(once)
+        await self._retrying(lambda: self._upload(digest, data, len(data)))
 
     async def push_blob_file(
         self, digest: str, path: str | os.PathLike[str], on_bytes: Callable[[int], None] = _ignore
@@ -366,30 +348,34 @@ class RegistryClient:
         _check_digest(digest)
         size = os.path.getsize(path)
 
-        async def body() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncIterator[bytes]:
             with open(path, "rb") as blob:
                 while piece := blob.read(1 << 20):
                     on_bytes(len(piece))
                     yield piece
 
-        async def once() -> None:
-            start = await self._exchange(
-                "POST", self.url("blobs/uploads/"), {}, self.push_scope, body=b""
-            )
-            await start.aclose()
-            if start.status_code != 202 or "Location" not in start.headers:
-                raise _status_error(start, f"upload of blob {digest}")
-            location = urljoin(str(start.url), start.headers["Location"])
-            separator = "&" if "?" in location else "?"
-            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-            done = await self._exchange(
-                "PUT", f"{location}{separator}digest={digest}", headers, self.push_scope, body=body
-            )
-            await done.aclose()
-            if done.status_code != 201:
-                raise _status_error(done, f"upload of blob {digest}")
+        await self._retrying(lambda: self._upload(digest, chunks, size))
 
-        await self._retrying(once)
+    async def _upload(
+        self, digest: str, body: bytes | Callable[[], AsyncIterator[bytes]], size: int
+    ) -> None:
+        """One monolithic upload: POST for a session, then PUT the body with the digest. A
+        streamed body is a factory, so each attempt reads the content afresh."""
+        start = await self._exchange(
+            "POST", self.url("blobs/uploads/"), {}, self.push_scope, body=b""
+        )
+        await start.aclose()
+        if start.status_code != 202 or "Location" not in start.headers:
+            raise _status_error(start, f"upload of blob {digest}")
+        location = urljoin(str(start.url), start.headers["Location"])
+        separator = "&" if "?" in location else "?"
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        done = await self._exchange(
+            "PUT", f"{location}{separator}digest={digest}", headers, self.push_scope, body=body
+        )
+        await done.aclose()
+        if done.status_code != 201:
+            raise _status_error(done, f"upload of blob {digest}")
 
     async def put_manifest(self, reference: str, body: bytes, media_type: str) -> str:
         """Push a manifest under a tag or digest; returns its digest."""
