@@ -5,6 +5,8 @@ queue; the others pass through untouched. Faults:
 
     "500" / "503" / "429"    answer that status (Retry-After from `retry_after` on 503 and 429)
     "403"                    answer 403 (an expired presigned URL)
+    "expired-token"          answer 401 with Harbor's `Basic realm="harbor"`, as Harbor answers a
+                             bearer token that has expired
     "reset"                  close the connection without answering
     "truncate"               send the head with the full Content-Length, then half the body
     "stall"                  say nothing for `stall` seconds
@@ -78,6 +80,9 @@ class FaultProxy:
         if fault in ("500", "503", "429", "403"):
             extra = [("Retry-After", self.retry_after)] if fault in ("503", "429") else []
             _respond(connection, writer, int(fault), extra, b"{}")
+            return True
+        if fault == "expired-token":
+            _respond(connection, writer, 401, [("WWW-Authenticate", 'Basic realm="harbor"')], b"{}")
             return True
         if fault == "reset":
             return False

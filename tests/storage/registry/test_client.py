@@ -7,11 +7,12 @@ import asyncio
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.faultproxy import fault_proxy
 from tests.support.registry import (
     Registry,
     TokenServer,
@@ -216,3 +217,20 @@ def test_credentials_never_show(tmp_path: Path) -> None:
         Credentials.from_config("***", None)
     with pytest.raises(RegistryError, match="no user:password"):
         Credentials.from_config("bm9jb2xvbg==", None)  # "nocolon"
+
+
+def test_an_expired_token_answered_harbor_s_way_is_replaced(tmp_path: Path) -> None:
+    async def scenario(proxy_host: str, inject: Callable[[str], None]) -> None:
+        credentials = Credentials.from_user("bob", "builder")
+        options = RegistryOptions(proxy_host, REPO, scheme="http", credentials=credentials)
+        async with RegistryClient(options) as client:
+            await push_image(client)
+            assert await client.read_blob(DIGEST, 0, 10) == BLOB[:10]
+            fetched = client.auth.token_fetches
+            inject("expired-token")  # the token we hold is refused with a Basic challenge
+            assert await client.read_blob(DIGEST, 10, 10) == BLOB[10:20]
+            assert client.auth.token_fetches == fetched + 1, "a new token was fetched"
+
+    for registry, _ in bearer_registry(tmp_path):
+        with fault_proxy(registry.origin) as proxy:
+            asyncio.run(scenario(proxy.host, proxy.inject))
