@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from vhostfs.daemon import RafsMountConfig
+from vhostfs.daemon import Daemon, DaemonConfig, MountError, RafsMountConfig
 from vhostfs.rafs.build.nydus_image import NydusImageError
 from vhostfs.rafs.build.remote import default_platform, fetch_bootstrap, open_client
 from vhostfs.storage import ConfigError, RafsConfig, parse_config
@@ -122,3 +122,12 @@ def _bootstrap_cache() -> Path:
 def _read_prefetch_list(path: str) -> tuple[bytes, ...]:
     with open(path, "rb") as f:
         return tuple(line.strip() for line in f if line.strip())
+
+
+def run_daemon(config: DaemonConfig) -> None:
+    """Run the daemon until it stops; a mount that cannot open or a socket that cannot be
+    bound ends the command with its one-line message, never a traceback."""
+    try:
+        Daemon(config).run()
+    except (MountError, OSError) as e:
+        raise click.ClickException(str(e)) from None

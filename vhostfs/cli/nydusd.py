@@ -17,12 +17,10 @@ from typing import Any, TypeVar
 
 import click
 
-from vhostfs.cli.common import LOG_LEVELS, rafs_mount, setup_logging
+from vhostfs.cli.common import LOG_LEVELS, rafs_mount, run_daemon, setup_logging
 from vhostfs.daemon import (
-    Daemon,
     DaemonConfig,
     MountConfig,
-    MountError,
     PassthroughMountConfig,
     SocketPath,
 )
@@ -115,12 +113,7 @@ def virtiofs(ctx: click.Context, /, **flags: Any) -> None:
         pseudo_root=mounts is None or mountpoint != "/",
         api_socket=os.path.abspath(apisock) if apisock else None,
     )
-    try:
-        Daemon(config).run()
-    except MountError as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:  # a socket that cannot be bound
-        raise click.ClickException(str(e)) from None
+    run_daemon(config)
 
 
 def _initial_mount(given: dict[str, Any]) -> MountConfig | None:

@@ -6,13 +6,11 @@ import os
 
 import click
 
-from vhostfs.cli.common import LOG_LEVELS, image_mount, rafs_mount, setup_logging
+from vhostfs.cli.common import LOG_LEVELS, image_mount, rafs_mount, run_daemon, setup_logging
 from vhostfs.daemon import (
-    Daemon,
     DaemonConfig,
     InheritedSocket,
     MountConfig,
-    MountError,
     PassthroughMountConfig,
     SocketPath,
 )
@@ -184,12 +182,7 @@ def serve(
         num_request_queues=num_request_queues,
     )
     raise_nofile_limit(rlimit_nofile)
-    try:
-        Daemon(config).run()
-    except MountError as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:  # a socket that cannot be bound
-        raise click.ClickException(str(e)) from None
+    run_daemon(config)
 
 
 # virtiofsd's --cache spellings, as the passthrough's three policies.
