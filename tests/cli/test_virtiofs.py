@@ -22,7 +22,7 @@ import pytest
 from tests.support import fuse_client as fc
 from tests.support.frontend import Frontend
 from tests.support.guest import GuestMemory
-from tests.support.nydusd import Nydusd
+from tests.support.nydusd import Nydusd, runtime_rs_argv
 
 QUEUE = 1
 
@@ -136,16 +136,7 @@ def test_runtime_rs_argv_bare_socket_names_in_cwd(tmp_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX)  # a dead daemon's socket file where ours goes
     stale.bind(str(jail / "virtiofsd.sock"))
     stale.close()
-    argv = [
-        "virtiofs",
-        "--hybrid-mode",
-        "--log-level",
-        "info",
-        "--apisock",
-        "nydusd-api.sock",
-        "--sock",
-        "virtiofsd.sock",
-    ]
+    argv = runtime_rs_argv()
     daemon = Nydusd(argv, jail, jail / "nydusd-api.sock", tmp_path / "log")
     try:
         response_state = daemon.wait_running()["state"]

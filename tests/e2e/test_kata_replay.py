@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.nydusd import Nydusd
+from tests.support.nydusd import Nydusd, kata_go_argv, runtime_rs_argv
 from tests.support.rootfs import debian_rootfs
 from tests.support.vm import GuestResult, ensure_guest_built, require_qemu, run_guest, short_tempdir
 
@@ -95,28 +95,11 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def go_argv(sandbox: Path) -> list[str]:
-    return [
-        "virtiofs",
-        "--log-level",
-        "info",
-        "--apisock",
-        str(sandbox / "nydusd-api.sock"),
-        "--sock",
-        str(sandbox / "vhost-fs.sock"),
-    ]
+    return kata_go_argv(sandbox, "vhost-fs.sock")
 
 
-def runtime_rs_argv(sandbox: Path) -> list[str]:
-    return [
-        "virtiofs",
-        "--hybrid-mode",
-        "--log-level",
-        "info",
-        "--apisock",
-        "nydusd-api.sock",
-        "--sock",
-        "vhost-fs.sock",
-    ]
+def rs_argv(sandbox: Path) -> list[str]:
+    return runtime_rs_argv("vhost-fs.sock")
 
 
 def wait_for(
@@ -131,7 +114,7 @@ def wait_for(
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("argv", [go_argv, runtime_rs_argv], ids=["kata-go", "runtime-rs"])
+@pytest.mark.parametrize("argv", [go_argv, rs_argv], ids=["kata-go", "runtime-rs"])
 def test_kata_replay(image: tuple[Path, Path], argv: Callable[[Path], list[str]]) -> None:
     bootstrap, blob_dir = image
     with short_tempdir() as sandbox:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.nydusd import Nydusd
+from tests.support.nydusd import Nydusd, kata_go_argv, runtime_rs_argv
 
 FRAGMENTS = Path(__file__).resolve().parents[2] / "kata-config"
 HYPERVISORS = {"qemu": "vhost-fs.sock", "clh": "virtiofsd.sock"}
@@ -19,35 +19,6 @@ def hypervisor_section(name: str) -> dict[str, Any]:
     with open(FRAGMENTS / f"configuration-{name}-nydus.toml", "rb") as f:
         section: dict[str, Any] = tomllib.load(f)["hypervisor"][name]
     return section
-
-
-def go_runtime_argv(section: dict[str, Any], sandbox: Path, sock: str, debug: bool) -> list[str]:
-    """nydusd.go: virtiofs --log-level L --apisock A --sock S, then virtio_fs_extra_args."""
-    return [
-        "virtiofs",
-        "--log-level",
-        "debug" if debug else "info",
-        "--apisock",
-        str(sandbox / "nydusd-api.sock"),
-        "--sock",
-        str(sandbox / sock),
-        *section["virtio_fs_extra_args"],
-    ]
-
-
-def runtime_rs_argv(section: dict[str, Any]) -> list[str]:
-    """share_virtio_fs_nydus.rs, rootless: bare socket names, the cwd set to the jail."""
-    return [
-        "virtiofs",
-        "--hybrid-mode",
-        "--log-level",
-        "info",
-        "--apisock",
-        "nydusd-api.sock",
-        "--sock",
-        "virtiofsd.sock",
-        *section["virtio_fs_extra_args"],
-    ]
 
 
 @pytest.mark.parametrize("name", sorted(HYPERVISORS))
@@ -68,9 +39,9 @@ def test_each_runtime_s_argv_runs_the_daemon(tmp_path: Path, name: str, runtime:
     shared = tmp_path / "shared"
     shared.mkdir()
     if runtime == "go":
-        argv = go_runtime_argv(section, tmp_path, HYPERVISORS[name], debug=False)
+        argv = kata_go_argv(tmp_path, HYPERVISORS[name], section["virtio_fs_extra_args"])
     else:
-        argv = runtime_rs_argv(section)
+        argv = runtime_rs_argv(extra=section["virtio_fs_extra_args"])
     daemon = Nydusd(argv, tmp_path, tmp_path / "nydusd-api.sock", tmp_path / "daemon.log")
     try:
         daemon.wait_running()
@@ -85,4 +56,3 @@ def test_each_runtime_s_argv_runs_the_daemon(tmp_path: Path, name: str, runtime:
         assert daemon.process.wait(5) == 0
     finally:
         daemon.close()
-

@@ -53,3 +53,35 @@ class Nydusd:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def kata_go_argv(
+    sandbox: Path, sock: str, extra: Sequence[str] = (), debug: bool = False
+) -> list[str]:
+    """Kata Go's nydusd.go: virtiofs --log-level L --apisock A --sock S, then the extra args."""
+    return [
+        "virtiofs",
+        "--log-level",
+        "debug" if debug else "info",
+        "--apisock",
+        str(sandbox / "nydusd-api.sock"),
+        "--sock",
+        str(sandbox / sock),
+        *extra,
+    ]
+
+
+def runtime_rs_argv(sock: str = "virtiofsd.sock", extra: Sequence[str] = ()) -> list[str]:
+    """runtime-rs, rootless: --hybrid-mode and bare socket names; run it with the cwd set to
+    the directory they should be in."""
+    return [
+        "virtiofs",
+        "--hybrid-mode",
+        "--log-level",
+        "info",
+        "--apisock",
+        "nydusd-api.sock",
+        "--sock",
+        sock,
+        *extra,
+    ]
