@@ -17,8 +17,10 @@ host page cache stays warm: the servers' host-side reads are cached hits).
 
 Servers (all that are available run; the others are listed as skipped):
   virtiofsd   QEMU 7.2's C virtiofsd on the tree, its defaults and -o cache=auto (the baseline)
-  vhostfs     vhostfs serve --shared-dir TREE (passthrough)
-  rafs-cold   vhostfs serve --bootstrap of a zstd RAFS image of the tree, empty chunk cache;
+  vhostfs     the passthrough as Kata runs it: `vhostfs virtiofs --sock --apisock`, TREE
+              mounted at /containers through the API; the guest reads /mnt/containers
+  rafs-cold   a zstd RAFS image of the tree mounted at /rafs/c1/lowerdir through the API
+              (next to an empty passthrough at /containers, as Kata has), empty chunk cache;
               the guest boots once per workload with a fresh cache, so each workload is cold
   rafs-warm   the same image, chunk cache filled beforehand by a guest reading every file
   erofs-blk   the guest kernel's EROFS over virtio-blk on an uncompressed build of the tree
@@ -383,6 +385,48 @@ def _rafs_argv(img: Image, sock: Path, cache: Path) -> list[str]:
     ]
 
 
+# Where Kata puts things in nydusd's pseudo root (reference §2.5): the sandbox's shared
+# directory at /containers, each container's image at /rafs/<cid>/lowerdir.
+KATA_SHARED = "/containers"
+KATA_IMAGE = "/rafs/c1/lowerdir"
+
+
+def _rafs_mount_config(img: Image, cache: Path) -> str:
+    """What the nydus snapshotter hands Kata for a local image: localfs blobs, a blob cache,
+    digests checked (as `serve --bootstrap` does)."""
+    return json.dumps(
+        {
+            "device": {
+                "backend": {"type": "localfs", "config": {"dir": str(img.blob_dir)}},
+                "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}},
+            },
+            "mode": "direct",
+            "digest_validate": True,
+            "enable_xattr": True,
+        }
+    )
+
+
+@contextlib.contextmanager
+def kata_daemon(
+    tmp: Path, log_path: Path, mounts: list[tuple[str, dict[str, str]]]
+) -> Iterator[Path]:
+    """`vhostfs virtiofs` started and filled as Kata Go fills nydusd: the API's POST
+    /api/v1/mount for each (mountpoint, body); yields the vhost-user socket."""
+    import httpx
+
+    sock, apisock = tmp / "fs.sock", tmp / "api.sock"
+    argv = [*VHOSTFS, "virtiofs", "--log-level", "info", "--sock", str(sock)]
+    with listening_daemon([*argv, "--apisock", str(apisock)], sock, log_path=log_path):
+        transport = httpx.HTTPTransport(uds=str(apisock))
+        with httpx.Client(transport=transport, base_url="http://unix", timeout=30) as api:
+            for mountpoint, body in mounts:
+                reply = api.post("/api/v1/mount", params={"mountpoint": mountpoint}, json=body)
+                if reply.status_code != 204:
+                    raise RuntimeError(f"mount {mountpoint}: {reply.status_code} {reply.text}")
+        yield sock
+
+
 @contextlib.contextmanager
 def serving(server: Server, ctx: Context, logs: Path, tag: str) -> Iterator[dict[str, Any]]:
     """Start the server; yield run_guest keyword arguments (socket or disks, mount)."""
@@ -397,9 +441,9 @@ def serving(server: Server, ctx: Context, logs: Path, tag: str) -> Iterator[dict
                     d.stop()
                     shutil.copyfile(d.log_path, log_path)
         elif server.name == "vhostfs":
-            argv = [*VHOSTFS, "serve", "--socket", str(sock), "--shared-dir", str(ctx.tree)]
-            with listening_daemon(argv, sock, log_path=log_path):
-                yield {"socket": sock, "mount": "/mnt"}
+            shared = {"fs_type": "passthrough_fs", "source": str(ctx.tree), "config": ""}
+            with kata_daemon(tmp, log_path, [(KATA_SHARED, shared)]) as sock:
+                yield {"socket": sock, "mount": "/mnt", "dir": "/mnt" + KATA_SHARED}
         elif server.name in ("rafs-cold", "rafs-warm"):
             assert ctx.zstd is not None
             if server.name == "rafs-cold":
@@ -408,8 +452,15 @@ def serving(server: Server, ctx: Context, logs: Path, tag: str) -> Iterator[dict
             else:
                 assert ctx.warm_cache is not None
                 cache = ctx.warm_cache
-            with listening_daemon(_rafs_argv(ctx.zstd, sock, cache), sock, log_path=log_path):
-                yield {"socket": sock, "mount": "/mnt"}
+            (tmp / "shared").mkdir()
+            shared = {"fs_type": "passthrough_fs", "source": str(tmp / "shared"), "config": ""}
+            image = {
+                "fs_type": "rafs",
+                "source": str(ctx.zstd.bootstrap),
+                "config": _rafs_mount_config(ctx.zstd, cache),
+            }
+            with kata_daemon(tmp, log_path, [(KATA_SHARED, shared), (KATA_IMAGE, image)]) as sock:
+                yield {"socket": sock, "mount": "/mnt", "dir": "/mnt" + KATA_IMAGE}
         elif server.name == "erofs-blk":
             assert ctx.plain is not None
             disks = [
@@ -899,7 +950,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 try:
                     with serving(server, ctx, logs, tag) as kw:
-                        script = guest_script(group, "/mnt", kw.pop("pre", ""))
+                        where = kw.pop("dir", "/mnt")
+                        script = guest_script(group, where, kw.pop("pre", ""))
                         res = run_guest(
                             script=script,
                             files={"/bench/fsbench": (fsbench, 0o755)},
