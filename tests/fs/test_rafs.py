@@ -17,6 +17,7 @@ from tests.support.paths import NYDUS_FIXTURES as FIXTURES
 from vhostfs.fs.rafs import RafsFs
 from vhostfs.fuse.ops import ROOT_ID, FileHandle, FileSlice, FuseError, NodeId, RequestContext
 from vhostfs.rafs import open_image
+from vhostfs.rafs.build.builder import BuildOptions, build_image
 from vhostfs.storage import RafsConfig, open_storage, parse_config
 
 ROOT = RequestContext(uid=0, gid=0, pid=1)
@@ -225,3 +226,41 @@ def test_data_that_cannot_be_fetched_is_eio_for_the_guest(
         assert failed.value.errno == errno.EIO
         run(storage.aclose())
     assert any("not found in" in record.getMessage() for record in caplog.records)
+
+
+def test_a_file_read_sequentially_is_fetched_ahead_of_the_reader(tmp_path: Path) -> None:
+    chunk = 64 * 1024
+    content = b"".join(f"line {i:08}\n".encode() for i in range(200_000))[: 32 * chunk]
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "big").write_bytes(content)
+    built = build_image([tmp_path / "tree"], tmp_path / "image", BuildOptions(chunk_size=chunk))
+    image = open_image(built.bootstrap)
+    config = RafsConfig.from_flags(blob_dir=tmp_path / "image", cache_dir=tmp_path / "cache")
+
+    async def scenario() -> None:
+        storage = open_storage(config, image.blobs, bootstrap=built.bootstrap)
+        fs = RafsFs(image, storage)
+        node = (await fs.lookup(ROOT_ID, b"big", ROOT)).node_id
+        out = bytearray()
+        misses_after_start = 0
+        for offset in range(0, len(content), 16 * 1024):
+            pieces = await fs.read(node, FileHandle(0), offset, 16 * 1024, ROOT)
+            assert isinstance(pieces, list)
+            for piece in pieces:
+                if isinstance(piece, FileSlice):
+                    out += os.pread(piece.fd, piece.size, piece.pos)
+                else:
+                    out += piece
+            if offset == 16 * 1024:
+                misses_after_start = storage.metrics.cache_misses
+            await asyncio.sleep(0.01)  # the guest's pace: readahead lands meanwhile
+        assert bytes(out) == content
+        # Only the reads before the stream was recognised waited for fetches.
+        assert storage.metrics.cache_misses == misses_after_start <= 2
+        assert storage.metrics.prefetch_bytes > 0
+        await storage.aclose()
+
+    try:
+        run(scenario())
+    finally:
+        image.close()

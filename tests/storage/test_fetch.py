@@ -35,6 +35,7 @@ from vhostfs.storage.errors import (
     ChunkDigestError,
     ChunkRefError,
     StorageClosedError,
+    StorageError,
 )
 from vhostfs.storage.image_storage import FetchOptions, ImageStorage
 from vhostfs.storage.localfs import LocalFsBackend
@@ -557,6 +558,60 @@ def test_a_miss_started_outside_any_task_finishes_in_one(tmp_path: Path, blob_di
 
         loop.call_soon(dispatch)
         assert materialize(await result) == blob.file_bytes[: 2 * CHUNK]
+        await storage.aclose()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("digest_validate", [False, True])
+def test_a_local_blob_stored_as_is_is_served_in_place_unless_verified(
+    tmp_path: Path, blob_dir: Path, digest_validate: bool
+) -> None:
+    blob = build_blob(blob_dir, compressor=Compressor.NONE)
+
+    async def scenario() -> None:
+        storage = ImageStorage(
+            [blob.info],
+            LocalFsBackend(dir=blob_dir),
+            work_dir=tmp_path / "cache",
+            options=FetchOptions(digest_validate=digest_validate),
+        )
+        segments = await storage.read(refs_for(blob, 100, 5 * CHUNK), 100, 5 * CHUNK)
+        assert materialize(segments) == blob.file_bytes[100 : 5 * CHUNK]
+        in_blob = [
+            isinstance(s, FileSlice) and os.path.samestat(os.fstat(s.fd), os.stat(blob.path))
+            for s in segments
+        ]
+        cache_file = tmp_path / "cache" / f"{blob.blob_id}.blob.data"
+        if digest_validate:
+            # Checked once, then kept in our own cache: the blob file may change later.
+            assert not any(in_blob)
+            assert storage.metrics.backend_requests == 1
+        else:
+            assert all(in_blob)
+            assert storage.metrics.backend_requests == 0
+            assert not cache_file.exists() or cache_file.stat().st_blocks == 0
+        await storage.aclose()
+
+    run(scenario())
+
+
+def test_a_chunk_stored_as_is_with_mismatched_sizes_is_refused(
+    tmp_path: Path, blob_dir: Path
+) -> None:
+    blob = build_blob(blob_dir, compressor=Compressor.NONE)
+    ref = dataclasses.replace(blob.refs[0], compressed_size=CHUNK - 512)
+
+    async def scenario() -> None:
+        storage = ImageStorage(
+            [blob.info],
+            LocalFsBackend(dir=blob_dir),
+            work_dir=tmp_path / "cache",
+            options=FetchOptions(digest_validate=False),
+            log_failures=False,
+        )
+        with pytest.raises(StorageError):
+            await storage.read([ref], 0, CHUNK)
         await storage.aclose()
 
     run(scenario())

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Protocol
 
+from vhostfs.fs.readahead import Readahead
 from vhostfs.fs.readonly import ReadOnlyOperations, check_access
 from vhostfs.fuse.abi import InitFlag, OpenReplyFlag
 from vhostfs.fuse.ops import (
@@ -69,6 +70,9 @@ class DataSource(Protocol):
     ) -> list[FileSlice | bytes]:
         """File bytes [start, end) as host-file slices or literal bytes, in order."""
 
+    def read_ahead(self, chunks: Sequence[ChunkRef]) -> None:
+        """Start fetching those of these chunks that are not cached yet; returns at once."""
+
 
 class RafsFs(ReadOnlyOperations):
     """`enable_xattr` None takes the setting from the data source's config (on when there is
@@ -86,6 +90,7 @@ class RafsFs(ReadOnlyOperations):
         # The image never changes, so an inode's FUSE attributes can be built once and reused
         # for every LOOKUP and GETATTR (the dispatcher only reads them).
         self._guest_attr = functools.lru_cache(maxsize=ATTR_CACHE_SIZE)(self._build_guest_attr)
+        self._readahead = Readahead()
 
     # Node ids ------------------------------------------------------------------------------------
 
@@ -241,7 +246,12 @@ class RafsFs(ReadOnlyOperations):
             return b""
         try:
             chunks = self.image.chunks(ino, offset, end - offset)
-            return await self.data.read(chunks, offset, end)
+            segments = await self.data.read(chunks, offset, end)
+            ahead = self._readahead.after_read(ino, offset, end, attr.size)
+            if ahead is not None:
+                lo, hi = ahead
+                self.data.read_ahead(self.image.chunks(ino, lo, hi - lo))
+            return segments
         except (RafsError, StorageError) as exc:
             raise _fuse_error(exc) from None
 

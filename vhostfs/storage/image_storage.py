@@ -192,11 +192,11 @@ class ImageStorage:
             return
         blob = self._blob(ref)
         metrics = self.metrics
-        if ref.chunk_index is None:
-            if not ref.compressed and (ref.digest is None or not blob.verify):
-                self._add_raw_range(segments, pending, blob, ref, skip, size)
-                return
-        else:
+        stored_as_is = not ref.compressed and (ref.digest is None or not blob.verify)
+        if stored_as_is and (ref.chunk_index is None or self._is_plain_local(ref)):
+            self._add_raw_range(segments, pending, blob, ref, skip, size)
+            return
+        if ref.chunk_index is not None:
             cache = blob.cache
             if not 0 <= ref.chunk_index < cache.chunk_count:
                 raise ChunkRefError(
@@ -212,6 +212,12 @@ class ImageStorage:
         misses.append((blob, ref))
         pending.append(Pending(len(segments), blob, ref, skip, size, None, skip, True))
         segments.append(b"")
+
+    def _is_plain_local(self, ref: ChunkRef) -> bool:
+        """A chunk a local blob file holds byte for byte: that file is as good as the cache,
+        so it is served from there rather than copied into the cache first. A chunk whose
+        stored and file sizes differ is not plain: the fetch path refuses it."""
+        return self._local is not None and ref.compressed_size == ref.uncompressed_size
 
     def _add_raw_range(
         self,
@@ -296,6 +302,13 @@ class ImageStorage:
             if self.wants_prefetch(ref) and sizes_error(ref) is None
         ]
         return self._flight.start(wanted, limit, prefetch=True) if wanted else []
+
+    def read_ahead(self, refs: Sequence[ChunkRef]) -> None:
+        """Fetch these chunks into the cache if they are not there or on their way, as the
+        guest will soon want them (a file read sequentially); nothing waits for them, and a
+        failure is logged and left for the guest's own read to retry."""
+        if not self._closed:
+            self.prefetch(refs, self.options.amplify_io)
 
     async def guest_idle(self) -> None:
         """Return once no guest read waits for a fetch."""
