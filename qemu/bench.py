@@ -23,6 +23,9 @@ Servers (all that are available run; the others are listed as skipped):
               (next to an empty passthrough at /containers, as Kata has), empty chunk cache;
               the guest boots once per workload with a fresh cache, so each workload is cold
   rafs-warm   the same image, chunk cache filled beforehand by a guest reading every file
+              (both with Kata's config for local blobs: localfs backend, blobcache, direct
+              mode, no prefetch, digests unchecked as nydusd's default; --digest-validate
+              checks them)
   erofs-blk   the guest kernel's EROFS over virtio-blk on an uncompressed build of the tree
               (mount -t erofs -o device=/dev/vdb /dev/vda /mnt)
 The RAFS/EROFS servers need `vhostfs build` and `vhostfs serve --bootstrap/--blob-dir/
@@ -58,6 +61,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -350,6 +354,7 @@ class Context:
     plain: Image | None = None
     warm_cache: Path | None = None
     timeout: float = GUEST_TIMEOUT
+    digest_validate: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,9 +396,9 @@ KATA_SHARED = "/containers"
 KATA_IMAGE = "/rafs/c1/lowerdir"
 
 
-def _rafs_mount_config(img: Image, cache: Path) -> str:
-    """What the nydus snapshotter hands Kata for a local image: localfs blobs, a blob cache,
-    digests checked (as `serve --bootstrap` does)."""
+def _rafs_mount_config(img: Image, cache: Path, digest_validate: bool) -> str:
+    """The v1 config Kata's nydus setup hands nydusd, for local blobs: localfs, a blob cache,
+    direct mode, xattrs; digests are checked only when asked (nydusd's default is not to)."""
     return json.dumps(
         {
             "device": {
@@ -401,7 +406,7 @@ def _rafs_mount_config(img: Image, cache: Path) -> str:
                 "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}},
             },
             "mode": "direct",
-            "digest_validate": True,
+            "digest_validate": digest_validate,
             "enable_xattr": True,
         }
     )
@@ -409,22 +414,51 @@ def _rafs_mount_config(img: Image, cache: Path) -> str:
 
 @contextlib.contextmanager
 def kata_daemon(
-    tmp: Path, log_path: Path, mounts: list[tuple[str, dict[str, str]]]
+    tmp: Path,
+    log_path: Path,
+    at_start: list[tuple[str, dict[str, str]]],
+    after_init: list[tuple[str, dict[str, str]]] = [],  # noqa: B006 (never mutated)
 ) -> Iterator[Path]:
-    """`vhostfs virtiofs` started and filled as Kata Go fills nydusd: the API's POST
-    /api/v1/mount for each (mountpoint, body); yields the vhost-user socket."""
+    """`vhostfs virtiofs` started and filled as Kata Go fills nydusd, through the API's POST
+    /api/v1/mount: `at_start` before the guest boots (the sandbox's shared directory), and
+    `after_init` once the guest's FUSE INIT is done (container images come later, so the
+    session's flags are settled without them). Yields the vhost-user socket."""
     import httpx
 
     sock, apisock = tmp / "fs.sock", tmp / "api.sock"
     argv = [*VHOSTFS, "virtiofs", "--log-level", "info", "--sock", str(sock)]
-    with listening_daemon([*argv, "--apisock", str(apisock)], sock, log_path=log_path):
+    with listening_daemon([*argv, "--apisock", str(apisock)], sock, log_path=log_path) as d:
         transport = httpx.HTTPTransport(uds=str(apisock))
-        with httpx.Client(transport=transport, base_url="http://unix", timeout=30) as api:
+        api = httpx.Client(transport=transport, base_url="http://unix", timeout=30)
+
+        def mount(mounts: list[tuple[str, dict[str, str]]]) -> None:
             for mountpoint, body in mounts:
                 reply = api.post("/api/v1/mount", params={"mountpoint": mountpoint}, json=body)
                 if reply.status_code != 204:
                     raise RuntimeError(f"mount {mountpoint}: {reply.status_code} {reply.text}")
-        yield sock
+
+        def mount_after_init() -> None:
+            with contextlib.suppress(AssertionError, RuntimeError, httpx.HTTPError):
+                d.log_lines_once_there("FUSE session up", timeout=GUEST_TIMEOUT)
+                mount(after_init)
+
+        with api:
+            mount(at_start)
+            later = threading.Thread(target=mount_after_init, daemon=True)
+            if after_init:
+                later.start()
+            yield sock
+            if later.is_alive():
+                d.stop()  # the guest never came up: let the waiting thread see the log end
+            later.join(timeout=5)
+
+
+def wait_for(path: str) -> str:
+    """Guest shell: wait until `path` exists (an image mounted once the session is up)."""
+    return (
+        f"i=0; while [ ! -e {path} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done; "
+        f"[ -e {path} ] || exit 98"
+    )
 
 
 @contextlib.contextmanager
@@ -457,10 +491,13 @@ def serving(server: Server, ctx: Context, logs: Path, tag: str) -> Iterator[dict
             image = {
                 "fs_type": "rafs",
                 "source": str(ctx.zstd.bootstrap),
-                "config": _rafs_mount_config(ctx.zstd, cache),
+                "config": _rafs_mount_config(ctx.zstd, cache, ctx.digest_validate),
             }
-            with kata_daemon(tmp, log_path, [(KATA_SHARED, shared), (KATA_IMAGE, image)]) as sock:
-                yield {"socket": sock, "mount": "/mnt", "dir": "/mnt" + KATA_IMAGE}
+            where = "/mnt" + KATA_IMAGE
+            later = [(KATA_IMAGE, image)]
+            with kata_daemon(tmp, log_path, [(KATA_SHARED, shared)], later) as sock:
+                pre = wait_for(where + "/bench")
+                yield {"socket": sock, "mount": "/mnt", "dir": where, "pre": pre}
         elif server.name == "erofs-blk":
             assert ctx.plain is not None
             disks = [
@@ -818,6 +855,11 @@ def main(argv: list[str] | None = None) -> int:
         "host CPUs alone (shared machines; default 0 = no waiting)",
     )
     ap.add_argument("--rebuild-images", action="store_true", help="rebuild RAFS/EROFS images")
+    ap.add_argument(
+        "--digest-validate",
+        action="store_true",
+        help="RAFS mounts check every chunk's digest (default: off, nydusd's and Kata's default)",
+    )
     args = ap.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so running guests and daemons are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -880,7 +922,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{expect['bytes'] / 1e6:.1f} MB; bench/big.bin 256 MiB "
         f"(sha256 {tree_info['big_sha256'][:16]})"
     )
-    ctx = Context(tree=tree, out=out, data_dir=args.data_dir, timeout=args.timeout)
+    ctx = Context(
+        tree=tree,
+        out=out,
+        data_dir=args.data_dir,
+        timeout=args.timeout,
+        digest_validate=args.digest_validate,
+    )
     setup: dict[str, Any] = {}
     names = {s.name for s in servers}
 

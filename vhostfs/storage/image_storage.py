@@ -192,8 +192,7 @@ class ImageStorage:
             return
         blob = self._blob(ref)
         metrics = self.metrics
-        stored_as_is = not ref.compressed and (ref.digest is None or not blob.verify)
-        if stored_as_is and (ref.chunk_index is None or self._is_plain_local(ref)):
+        if self._served_in_place(blob, ref):
             self._add_raw_range(segments, pending, blob, ref, skip, size)
             return
         if ref.chunk_index is not None:
@@ -213,10 +212,15 @@ class ImageStorage:
         pending.append(Pending(len(segments), blob, ref, skip, size, None, skip, True))
         segments.append(b"")
 
-    def _is_plain_local(self, ref: ChunkRef) -> bool:
-        """A chunk a local blob file holds byte for byte: that file is as good as the cache,
-        so it is served from there rather than copied into the cache first. A chunk whose
-        stored and file sizes differ is not plain: the fetch path refuses it."""
+    def _served_in_place(self, blob: OpenBlob, ref: ChunkRef) -> bool:
+        """Whether ref's bytes are read straight from the backend, never cached: stored as
+        they are, not to be verified, and either not a chunk (an EROFS device range) or in a
+        local blob file, which is as good as the cache (so it is not copied there). A chunk
+        whose stored and file sizes differ is not plain: the fetch path refuses it."""
+        if ref.compressed or (ref.digest is not None and blob.verify):
+            return False
+        if ref.chunk_index is None:
+            return True
         return self._local is not None and ref.compressed_size == ref.uncompressed_size
 
     def _add_raw_range(
@@ -281,7 +285,10 @@ class ImageStorage:
         """Whether prefetching ref would bring something into the cache."""
         if ref.blob_index < 0 or ref.chunk_index is None or ref.blob_index >= len(self._blobs):
             return False
-        cache = self._blobs[ref.blob_index].cache
+        blob = self._blobs[ref.blob_index]
+        cache = blob.cache
+        if self._served_in_place(blob, ref):
+            return False
         return (
             cache.keeps_chunks
             and 0 <= ref.chunk_index < cache.chunk_count
