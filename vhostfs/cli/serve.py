@@ -6,7 +6,7 @@ import os
 
 import click
 
-from vhostfs.cli.common import LOG_LEVELS, image_mount, rafs_mount, run_daemon, setup_logging
+from vhostfs.cli.common import LOG_LEVELS, rafs_mount, run_daemon, setup_logging
 from vhostfs.daemon import (
     DaemonConfig,
     InheritedSocket,
@@ -170,6 +170,8 @@ def serve(
     elif image_ref is not None:
         if config_path or blob_dir or blob_files:
             raise click.UsageError("--image takes its backend from the image reference")
+        from vhostfs.cli.remote_image import image_mount  # the registry client, only now
+
         mount = image_mount(image_ref, insecure, cache_dir, prefetch_files)
     else:
         assert bootstrap is not None
