@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Protocol
 
+from vhostfs.fs.file_maps import FileMaps
 from vhostfs.fs.readahead import Readahead
 from vhostfs.fs.readonly import ReadOnlyOperations, check_access
 from vhostfs.fuse.abi import InitFlag, OpenReplyFlag
@@ -91,6 +92,7 @@ class RafsFs(ReadOnlyOperations):
         # for every LOOKUP and GETATTR (the dispatcher only reads them).
         self._guest_attr = functools.lru_cache(maxsize=ATTR_CACHE_SIZE)(self._build_guest_attr)
         self._readahead = Readahead()
+        self._file_maps = FileMaps(image.chunks)
 
     # Node ids ------------------------------------------------------------------------------------
 
@@ -238,16 +240,16 @@ class RafsFs(ReadOnlyOperations):
         self, node: NodeId, fh: FileHandle, offset: int, size: int, ctx: RequestContext
     ) -> ReadResult:
         ino = self._ino(node)
-        attr = self._attr(ino)
-        if not stat.S_ISREG(attr.mode):
-            raise FuseError(errno.EISDIR if stat.S_ISDIR(attr.mode) else errno.EINVAL)
-        end = min(offset + size, attr.size)
+        attr = self._guest_attr(ino)
+        if not stat.S_ISREG(attr.st_mode):
+            raise FuseError(errno.EISDIR if stat.S_ISDIR(attr.st_mode) else errno.EINVAL)
+        end = min(offset + size, attr.st_size)
         if offset >= end:
             return b""
         try:
-            chunks = self.image.chunks(ino, offset, end - offset)
+            chunks = self._file_maps.chunks(ino, offset, end - offset)
             segments = await self.data.read(chunks, offset, end)
-            ahead = self._readahead.after_read(ino, offset, end, attr.size)
+            ahead = self._readahead.after_read(ino, offset, end, attr.st_size)
             if ahead is not None:
                 lo, hi = ahead
                 self.data.read_ahead(self.image.chunks(ino, lo, hi - lo))
