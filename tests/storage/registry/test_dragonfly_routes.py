@@ -161,7 +161,11 @@ def test_mirrors_are_tried_in_order_with_their_headers_and_recover(
             await read_ok(store)  # two failures: nginx is down too, the origin answers
             assert routes.fallbacks == 2
             nginx.start()
-            await asyncio.sleep(2.5)  # a health check finds it up again
+            # A health check (every second) finds it up again; a loaded machine may be slow.
+            for _ in range(150):
+                if all(m.up for m in routes._mirrors if m.config is mirror):
+                    break
+                await asyncio.sleep(0.1)
             await read_ok(store)
             assert routes.proxied == 2
         finally:
