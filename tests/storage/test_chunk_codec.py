@@ -9,6 +9,7 @@ import hashlib
 import os
 import tracemalloc
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import blake3
 import pytest
@@ -79,3 +80,16 @@ def test_digests() -> None:
     verify_digest(Digester.BLAKE3, DATA, blake3.blake3(DATA).digest(), "chunk")
     with pytest.raises(ChunkDigestError, match="blob b chunk 7: sha256 digest"):
         verify_digest(Digester.SHA256, DATA, bytes(32), "blob b chunk 7")
+
+
+def test_zstd_chunks_decode_right_on_many_threads_at_once() -> None:
+    """The chunk pool decodes concurrently (readahead keeps it busy): no decoder state may be
+    shared between threads."""
+    chunks = [b"".join(b"%08x chunk %d\n" % (i, n) for i in range(40_000)) for n in range(64)]
+    stored = [zstandard.ZstdCompressor(level=3).compress(chunk) for chunk in chunks]
+
+    def decode(n: int) -> bool:
+        return decompress(Compressor.ZSTD, stored[n], len(chunks[n]), f"chunk {n}") == chunks[n]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(decode, [n % 64 for n in range(512)]))

@@ -9,6 +9,7 @@ cannot make us allocate more than one chunk.
 from __future__ import annotations
 
 import hashlib
+import threading
 import zlib
 from typing import Final
 
@@ -19,8 +20,9 @@ from vhostfs._vring import ffi, lib
 from vhostfs.storage.blob import BlobInfo, ChunkRef, Compressor, Digester
 from vhostfs.storage.errors import ChunkDecodeError, ChunkDigestError
 
-# Zstd frames may ask for a window up to 2 GiB; chunks are at most 16 MiB.
-_ZSTD: Final = zstandard.ZstdDecompressor(max_window_size=1 << 25)
+# A decompressor serves one thread at a time (python-zstandard shares its context between the
+# streams it makes), and chunks are decoded on a pool: one per thread.
+_zstd_local = threading.local()
 
 # The raw LZ4 block decoder is csrc/lz4_block.c, built into the _vring extension.
 _LZ4_REASONS: Final = {
@@ -76,12 +78,20 @@ def decompress_lz4_block(block: bytes, size: int) -> bytes:
     return bytes(out)
 
 
+def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+    decompressor: zstandard.ZstdDecompressor | None = getattr(_zstd_local, "zstd", None)
+    if decompressor is None:
+        # Zstd frames may ask for a window up to 2 GiB; chunks are at most 16 MiB.
+        decompressor = _zstd_local.zstd = zstandard.ZstdDecompressor(max_window_size=1 << 25)
+    return decompressor
+
+
 def _zstd_bounded(stored: bytes, size: int, what: str) -> bytes:
     # ZstdDecompressor.decompress trusts the frame's content size over max_output_size, so a
     # hostile frame could claim gigabytes. The stream reader stops where we tell it to.
     out = bytearray()
     try:
-        with _ZSTD.stream_reader(stored, read_across_frames=False) as reader:
+        with _zstd_decompressor().stream_reader(stored, read_across_frames=False) as reader:
             while len(out) <= size:
                 piece = reader.read(size + 1 - len(out))
                 if not piece:
