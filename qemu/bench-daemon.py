@@ -496,9 +496,10 @@ def run_phase(
 def make_share(root: Path) -> None:
     root.mkdir()
     with open(root / os.fsdecode(DATA_FILE), "wb") as f:
-        block = os.urandom(MiB)
+        # Every MiB different: `vhostfs build` stores identical chunks once, and a RAFS image of
+        # one repeated block would serve every READ from a single cached chunk.
         for _ in range(DATA_SIZE // MiB):
-            f.write(block)
+            f.write(os.urandom(MiB))
     for name in NAMES:
         (root / os.fsdecode(name)).write_bytes(b"x" * 100)
     (root / os.fsdecode(WRITE_FILE)).write_bytes(b"")
