@@ -32,9 +32,10 @@ Servers. The vhostfs ones run as Kata runs nydusd: `python -m vhostfs virtiofs -
   vhostfs       passthrough_fs of the tree at /containers (phases below "containers")
   vhostfs-rafs  the tree built into a zstd RAFS image, mounted as rafs at /rafs/c1/lowerdir
                 (localfs blobs, blobcache chunk cache, digests not checked) next to an empty
-                passthrough at /containers, as Kata has it; its chunk cache is filled by one
-                untimed pass of READs over the data file per round. The image is read-only:
-                its WRITE phases are skipped.
+                passthrough at /containers, as Kata has it: the passthrough before the
+                front-end connects, the image after FUSE INIT. Its chunk cache is filled by
+                one untimed pass of READs over the data file per round. The image is
+                read-only: its WRITE phases are skipped.
   virtiofsd     QEMU 7.2's C virtiofsd with its defaults (-o cache=auto), serving the tree at
                 its root; virtiofsd-tp0 adds --thread-pool-size=0, which QEMU 7.2 already
                 defaults to, so those two are one configuration measured twice (virtiofsd-tp64,
@@ -57,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -140,6 +142,15 @@ class Share:
     image: Path | None = None  # OUT of `vhostfs build`: the blobs and OUT/bootstrap
 
 
+MountList = list[tuple[str, dict[str, str]]]
+
+
+@dataclass
+class Mounts:
+    at_start: MountList = field(default_factory=list)
+    after_init: MountList = field(default_factory=list)
+
+
 @dataclass
 class Server:
     name: str
@@ -203,10 +214,12 @@ class Server:
             argv += ["-o", f"sandbox={sandbox}"]
         return argv
 
-    def mounts(self, share: Share) -> list[tuple[str, dict[str, str]]]:
-        """(mountpoint, body) of each POST /api/v1/mount, in Kata's order."""
+    def mounts(self, share: Share) -> Mounts:
+        """The (mountpoint, body) of each POST /api/v1/mount, at the moments Kata makes them:
+        the sandbox's shared directory before the guest boots, a container's image once the
+        guest's FUSE session is up (so INIT is negotiated without it)."""
         if self.kind == "vhostfs":
-            return [(KATA_SHARED, passthrough_body(share.tree))]
+            return Mounts([(KATA_SHARED, passthrough_body(share.tree))])
         if self.kind == "vhostfs-rafs":
             assert share.image is not None
             config = {
@@ -226,8 +239,8 @@ class Server:
                 # The API takes the config as a JSON document inside a string, as nydusd does.
                 "config": json.dumps(config),
             }
-            return [(KATA_SHARED, passthrough_body(share.empty)), (KATA_IMAGE, image)]
-        return []
+            return Mounts([(KATA_SHARED, passthrough_body(share.empty))], [(KATA_IMAGE, image)])
+        return Mounts()
 
 
 def split_path(path: str) -> list[bytes]:
@@ -297,14 +310,33 @@ class Session:
     """A connected front-end with FUSE up, the served tree's node found and the data file
     open (and the write file, where the server can write)."""
 
-    def __init__(self, server: Server, daemon: DaemonProcess, mem: GuestMemory) -> None:
+    def __init__(
+        self,
+        server: Server,
+        daemon: DaemonProcess,
+        mem: GuestMemory,
+        after_init: Callable[[], None] | None = None,
+    ) -> None:
         self.daemon = daemon
         self.mem = mem
         self.fe = Frontend(daemon.socket_path, mem, queue_size=QUEUE_SIZE, num_queues=2)
+        try:
+            self._open(server, after_init)
+        except BaseException:
+            # The front-end's views into guest memory must go before the memory can be
+            # unmapped; otherwise that failure would hide this one.
+            if hasattr(self, "queue"):
+                self.queue.close()
+            self.fe.close()
+            raise
+
+    def _open(self, server: Server, after_init: Callable[[], None] | None) -> None:
         self.fe.init()
         self.fe.start()
         reply = self.request(fc.init(7, 31, 128 * KiB, INIT_FLAGS, ext=False), 16 + 64)
         check(reply, "INIT")
+        if after_init is not None:
+            after_init()
         # Walk the pseudo root down to the mount, as the guest does when it opens a path
         # below it; every phase then runs on names in that directory.
         self.base = fc.ROOT
@@ -497,9 +529,11 @@ def make_share(root: Path) -> None:
     root.mkdir()
     with open(root / os.fsdecode(DATA_FILE), "wb") as f:
         # Every MiB different: `vhostfs build` stores identical chunks once, and a RAFS image of
-        # one repeated block would serve every READ from a single cached chunk.
+        # one repeated block would serve every READ from a single cached chunk. Hex digits, so
+        # zstd halves each chunk as it would real files: chunks stored uncompressed would be
+        # served from the blob in place, and the chunk cache would go unused.
         for _ in range(DATA_SIZE // MiB):
-            f.write(os.urandom(MiB))
+            f.write(os.urandom(MiB // 2).hex().encode())
     for name in NAMES:
         (root / os.fsdecode(name)).write_bytes(b"x" * 100)
     (root / os.fsdecode(WRITE_FILE)).write_bytes(b"")
@@ -569,9 +603,21 @@ def started(server: Server, share: Share, sandbox: str | None) -> Iterator[Sessi
         GuestMemory(((0x10_0000, GUEST_RAM),)) as mem,
         listening_daemon(argv, sock, log_path=log, env=server.env()) as daemon,
     ):
-        if server.is_vhostfs:
-            api_mount(daemon, api_path, server.mounts(share))
-        session = Session(server, daemon, mem)
+        try:
+            if server.is_vhostfs:
+                mounts = server.mounts(share)
+                api_mount(daemon, api_path, mounts.at_start)
+                session = Session(
+                    server,
+                    daemon,
+                    mem,
+                    after_init=lambda: api_mount(daemon, api_path, mounts.after_init),
+                )
+            else:
+                session = Session(server, daemon, mem)
+        except Exception:
+            print(f"{server.name} did not come up; log:\n{daemon.log()}", file=sys.stderr)
+            raise
         try:
             yield session
         finally:
@@ -929,7 +975,11 @@ def main() -> None:
                 "servers": {
                     s.name: s.argv(Path("S"), Path("A"), placeholders, sandbox) for s in servers
                 },
-                "mounts": {s.name: s.mounts(placeholders) for s in servers if s.is_vhostfs},
+                "mounts": {
+                    s.name: dataclasses.asdict(s.mounts(placeholders))
+                    for s in servers
+                    if s.is_vhostfs
+                },
                 "ratios_against": comparisons(servers)[0],
                 "cpus": os.cpu_count(),
                 "kernel": platform.release(),
