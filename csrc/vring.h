@@ -198,3 +198,51 @@ int64_t vq_iov_preadv(int fd, const struct vq_iov *iov, uint32_t n, size_t offse
                       int64_t pos);
 int64_t vq_iov_pwritev(int fd, const struct vq_iov *iov, uint32_t n, size_t offset, size_t len,
                        int64_t pos);
+
+/* Direct reads: READ requests the ring answers by itself, without a round trip through Python,
+ * from file ranges Python has vouched for. An entry says "READs of (nodeid, fh) inside
+ * [file_start, file_end) are fd's bytes at pos + (offset - file_start)"; eof >= 0 is the
+ * file's size, where reads are clipped (-1: the file may grow, preadv decides). Each entry lies
+ * within one window of 2^VQ_DIRECT_WINDOW_SHIFT bytes of the file, and the table is direct
+ * mapped by (nodeid, fh, window): a new entry replaces whatever held its slot.
+ *
+ * vq_direct_add records fd's device and inode; a hit whose fd no longer is that file (closed
+ * and reused) drops the entry and goes to Python, so a missed vq_direct_drop can never serve
+ * another file. Python still drops entries before it closes their fds: vq_direct_drop for one
+ * handle (RELEASE), vq_direct_clear for all (session changes, unmounts). Python owns the
+ * struct; C writes only the counters and slots, inside these calls. */
+#define VQ_DIRECT_SLOTS 4096
+#define VQ_DIRECT_WINDOW_SHIFT 24
+
+struct vq_direct_entry {
+    uint64_t nodeid;
+    uint64_t fh;
+    int64_t file_start;
+    int64_t file_end;
+    int64_t eof;
+    int64_t pos;
+    uint64_t dev;
+    uint64_t ino;
+    int32_t fd;                   /* -1: empty */
+    uint32_t pad;
+};
+
+struct vq_direct {
+    uint32_t enabled;             /* [py] 0: every request goes to Python */
+    uint32_t pad;
+    uint64_t hits;                /* READs answered here */
+    uint64_t bytes;               /* file bytes they carried */
+    struct vq_direct_entry slots[VQ_DIRECT_SLOTS];
+};
+
+/* 0, -EINVAL (a range that is empty, negative or spans windows), or -errno from fstat. */
+int vq_direct_add(struct vq_direct *d, uint64_t nodeid, uint64_t fh, int64_t file_start,
+                  int64_t file_end, int64_t eof, int fd, int64_t pos);
+void vq_direct_drop(struct vq_direct *d, uint64_t nodeid, uint64_t fh);
+void vq_direct_clear(struct vq_direct *d);
+
+/* As vq_pop_or_arm, but a READ that an entry of d covers is answered here (header and data,
+ * pushed, not notified) and the next chain is taken. Returns as vq_pop_or_arm: 1 = a chain for
+ * the caller, 0 = empty (kicks on), or VQ_ERR_*. *answered counts the READs answered. */
+int vq_pop_direct(struct vq_ring *ring, const struct vq_memory *mem, struct vq_chain *chain,
+                  struct vq_direct *d, uint32_t *answered);

@@ -68,6 +68,34 @@ class VqChain(CData):
     req: CData
     iov: VqIov
 
+class VqDirectEntry(CData):
+    nodeid: int
+    fh: int
+    file_start: int
+    file_end: int
+    eof: int
+    pos: int
+    dev: int
+    ino: int
+    fd: int
+    pad: int
+
+class _DirectSlots(CData):
+    def __getitem__(self, index: int) -> VqDirectEntry: ...
+
+class VqDirect(CData):
+    enabled: int
+    pad: int
+    hits: int
+    bytes: int
+    slots: _DirectSlots
+
+class Uint32Array(CData):
+    """`uint32_t *`."""
+
+    def __getitem__(self, index: int) -> int: ...
+    def __setitem__(self, index: int, value: int) -> None: ...
+
 class CBuffer:
     """ffi.buffer(): the raw bytes of a cdata, sliceable and writable in place."""
 
@@ -90,6 +118,10 @@ class FFI:
     def new(self, cdecl: Literal["struct vq_chain *"]) -> VqChain: ...
     @overload
     def new(self, cdecl: Literal["struct vq_memory *"]) -> VqMemory: ...
+    @overload
+    def new(self, cdecl: Literal["struct vq_direct *"]) -> VqDirect: ...
+    @overload
+    def new(self, cdecl: Literal["uint32_t *"]) -> Uint32Array: ...
     @overload
     def new(
         self, cdecl: Literal["struct vq_iov[]", "struct vq_iov[1]"], init: int = ...
@@ -132,6 +164,8 @@ class _Lib:
     VQ_REPLY_TOO_LONG: int
     VQ_REPLY_READ_FAILED: int
     VQ_OFFLOAD_MAX: int
+    VQ_DIRECT_SLOTS: int
+    VQ_DIRECT_WINDOW_SHIFT: int
     def vq_strerror(self, err: int) -> CData: ...
     def vq_translate(self, mem: VqMemory, gpa: int, len: int, iov: VqIov, max: int) -> int: ...
     def vq_uva_to_hva(self, mem: VqMemory, uva: int, len: int) -> CData: ...
@@ -160,6 +194,22 @@ class _Lib:
         read_result: Int64Array,
     ) -> int: ...
     def vq_pop_or_arm(self, ring: VqRing, mem: VqMemory, chain: VqChain) -> int: ...
+    def vq_direct_add(
+        self,
+        d: VqDirect,
+        nodeid: int,
+        fh: int,
+        file_start: int,
+        file_end: int,
+        eof: int,
+        fd: int,
+        pos: int,
+    ) -> int: ...
+    def vq_direct_drop(self, d: VqDirect, nodeid: int, fh: int) -> None: ...
+    def vq_direct_clear(self, d: VqDirect) -> None: ...
+    def vq_pop_direct(
+        self, ring: VqRing, mem: VqMemory, chain: VqChain, d: VqDirect, answered: Uint32Array
+    ) -> int: ...
     def vq_offload_start(self) -> int: ...
     def vq_offload_stop(self) -> int: ...
     def vq_offload_read(self, chain: VqChain, fd: int, pos: int, size: int, unique: int) -> int: ...

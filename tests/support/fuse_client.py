@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vhostfs.fuse.transport import DirectReads
 from vhostfs.segments import FileSlice  # the transport's data type, not an ABI layout
 
 # Opcodes (include/uapi/linux/fuse.h).
@@ -540,6 +541,10 @@ class BufferRequest:
     @property
     def data(self) -> memoryview:
         return self._data
+
+    @property
+    def direct(self) -> DirectReads | None:
+        return None  # plain buffers have no ring to answer READs by itself
 
     @property
     def readable_len(self) -> int:

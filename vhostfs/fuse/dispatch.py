@@ -35,7 +35,7 @@ from vhostfs.fuse.abi import Opcode
 from vhostfs.fuse.call import Call, Reply
 from vhostfs.fuse.handlers import SPECS
 from vhostfs.fuse.ops import ConnInfo, FileSlice, FuseError, Operations, RequestContext
-from vhostfs.fuse.transport import GuestRequest
+from vhostfs.fuse.transport import DirectReads, GuestRequest
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class Dispatcher:
         self._running: set[asyncio.Task[Reply]] = set()
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._contexts: dict[tuple[int, int, int], RequestContext] = {}
+        self._direct: DirectReads | None = None  # the transport's, seen at INIT
 
     @property
     def conn(self) -> ConnInfo | None:
@@ -129,8 +130,16 @@ class Dispatcher:
             task.cancel()
 
     def opcode_counts(self) -> dict[str, int]:
-        """Requests seen so far, by opcode name (unknown opcodes by number)."""
-        return {_opcode_name(op): count for op, count in sorted(self.opcodes.items())}
+        """Requests seen so far, by opcode name (unknown opcodes by number), READs the
+        transport answered by itself included."""
+        counts = self.opcodes.copy()
+        if self._direct is not None and self._direct.hits:
+            counts[int(Opcode.READ)] += self._direct.hits
+        return {_opcode_name(op): count for op, count in sorted(counts.items())}
+
+    def direct_read_count(self) -> int:
+        """READs the transport answered without the file system."""
+        return 0 if self._direct is None else self._direct.hits
 
     def error_counts(self) -> dict[str, int]:
         """Requests answered with an errno so far, by opcode name."""
@@ -215,12 +224,28 @@ class Dispatcher:
     def _decode_session(self, req: GuestRequest, opcode: int, args_len: int) -> _Work | int:
         """INIT and DESTROY, which the dispatcher serves itself; other opcodes without a spec
         are ENOSYS."""
+        if opcode in (_INIT, _DESTROY):
+            # The session's file handles close now: no READ may be answered from them.
+            self._direct = req.direct
+            self.forget_direct_reads()
         if opcode == _INIT:
             init_args = self._read_args(req, min(args_len, _MAX_ARGS))
             return errno.EINVAL if init_args is None else self._init(init_args)
         if opcode == _DESTROY:
             return self._destroy()
         return errno.ENOSYS
+
+    def forget_direct_reads(self) -> None:
+        """Stop the transport answering READs by itself until the next INIT; call it before
+        anything closes files the session read from (an unmount, a remount)."""
+        if self._direct is not None:
+            self._direct.enabled = False
+            self._direct.clear()
+
+    def _enable_direct_reads(self) -> None:
+        if self._direct is not None:
+            self._direct.clear()
+            self._direct.enabled = True
 
     def _context(self, uid: int, gid: int, pid: int) -> RequestContext:
         if len(self._contexts) >= _CONTEXTS_KEPT:
@@ -254,6 +279,7 @@ class Dispatcher:
         self._conn = None
         conn = negotiate.settle(kernel, await self._ops.init(proposal))
         self._conn = conn
+        self._enable_direct_reads()
         log.info(
             "FUSE session up: %d.%d, flags %#x, max_write %d",
             conn.major,

@@ -184,14 +184,25 @@ async def _open(ops: Operations, call: Call) -> Reply:
 async def _read(ops: Operations, call: Call) -> Reply:
     fh, offset, size, *_ = abi.READ_IN.unpack_from(call.args)
     size = min(size, call.room)
-    data = await ops.read(call.node, FileHandle(fh), offset_arg(offset), size, call.ctx)
+    offset = offset_arg(offset)
+    data = await ops.read(call.node, FileHandle(fh), offset, size, call.ctx)
     if isinstance(data, list):
         if len(data) != 1:
             return _clip_pieces(data, size)
         data = data[0]
     if isinstance(data, FileSlice):
+        _offer_direct(ops, call, fh, offset)
         return data if data.size <= size else FileSlice(data.fd, data.pos, size)
     return data if len(data) <= size else data[:size]
+
+
+def _offer_direct(ops: Operations, call: Call, fh: int, offset: int) -> None:
+    """A READ served from a host file: let the transport answer the next ones around it."""
+    direct = call.req.direct
+    if direct is not None and direct.enabled:
+        span = ops.direct_span(call.node, FileHandle(fh), offset)
+        if span is not None:
+            direct.add(call.node, fh, span.file_start, span.file_end, span.eof, span.fd, span.pos)
 
 
 def _clip_pieces(pieces: list[FileSlice | bytes], size: int) -> list[FileSlice | bytes]:
@@ -229,6 +240,9 @@ async def _statfs(ops: Operations, call: Call) -> Reply:
 
 async def _release(ops: Operations, call: Call) -> Reply:
     fh, flags, _, _ = abi.RELEASE_IN.unpack_from(call.args)
+    direct = call.req.direct
+    if direct is not None:
+        direct.drop(call.node, fh)  # before the file system closes the fd behind it
     await ops.release(call.node, FileHandle(fh), flags)
     return b""
 

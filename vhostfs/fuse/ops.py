@@ -163,6 +163,26 @@ ReadResult: TypeAlias = bytes | FileSlice | ReadPieces
 
 
 @dataclass(frozen=True, slots=True)
+class DirectSpan:
+    """A stretch of a file whose READs may be answered without asking the file system again:
+    file bytes [file_start, file_end) are fd's bytes from pos on, for as long as the handle
+    stays open and the fd with it. eof is the file's size, where reads stop (-1: the file may
+    grow; a read past its end comes back short). The stretch must lie within one window of the
+    transport's (DIRECT_WINDOW bytes, aligned)."""
+
+    file_start: int
+    file_end: int
+    eof: int
+    fd: int
+    pos: int
+
+
+# The transport keeps direct spans per aligned window of this many bytes (csrc/vring.h's
+# VQ_DIRECT_WINDOW_SHIFT; tests/vhost checks they agree).
+DIRECT_WINDOW = 1 << 24
+
+
+@dataclass(frozen=True, slots=True)
 class SetattrChanges:
     """The fields a SETATTR asks to change; None means unchanged."""
 
@@ -318,6 +338,13 @@ class Operations:
         """At most size bytes from offset; fewer only at end of file. Return a FileSlice when the
         data sits in a host file, so the transport can copy it without passing through Python."""
         raise _unsupported()
+
+    def direct_span(self, node: NodeId, fh: FileHandle, offset: int) -> DirectSpan | None:
+        """After a READ at offset was served: the window around it that later READs of this
+        handle may take straight from a host file, or None (the default: always ask). Only
+        for data that stays the same for the handle's life, or that the fd itself shows as it
+        changes (a passthrough file)."""
+        return None
 
     async def write(
         self,

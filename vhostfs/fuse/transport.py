@@ -16,12 +16,35 @@ from typing import Protocol
 from vhostfs.segments import FileSlice
 
 
+class DirectReads(Protocol):
+    """READs the transport answers by itself (vhostfs.vhost.direct), from spans the FUSE layer
+    vouched for: it adds a span after serving a READ from it, drops a handle's spans before the
+    handle is released, and clears them all whenever fds behind them may close."""
+
+    enabled: bool
+
+    def add(
+        self, node: int, fh: int, file_start: int, file_end: int, eof: int, fd: int, pos: int
+    ) -> bool: ...
+
+    def drop(self, node: int, fh: int) -> None: ...
+
+    def clear(self) -> None: ...
+
+    @property
+    def hits(self) -> int: ...
+
+
 class GuestRequest(Protocol):
     """One request: a readable part (header, args, payload) and a writable part for the reply."""
 
     @property
     def data(self) -> memoryview:
         """The first bytes of the readable part (at most 8 KiB), already copied out of the guest."""
+
+    @property
+    def direct(self) -> DirectReads | None:
+        """The transport's table of directly answered READs, if it has one."""
 
     @property
     def readable_len(self) -> int:

@@ -28,6 +28,7 @@ from vhostfs.vhost.codec import (
     encode_reply,
     encode_u64_reply,
 )
+from vhostfs.vhost.direct import DirectReads
 from vhostfs.vhost.memory import GuestMemory
 from vhostfs.vhost.virtqueue import RequestHandler, Virtqueue
 
@@ -43,7 +44,8 @@ Answer = int | bytes | None  # a u64 reply, a raw payload, or nothing of its own
 class Backend:
     def __init__(self, handler: RequestHandler, num_queues: int = DEFAULT_QUEUES) -> None:
         self.memory = GuestMemory()
-        self.queues = [Virtqueue(i, self.memory, handler) for i in range(num_queues)]
+        self.direct = DirectReads()  # shared by the queues: a file range serves any of them
+        self.queues = [Virtqueue(i, self.memory, handler, self.direct) for i in range(num_queues)]
         self.features = 0
         self.protocol_features = 0
         self.owned = False

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final, TypeAlias
 from vhostfs._vring import ffi, lib
 from vhostfs.segments import FileSlice
 from vhostfs.vhost.codec import PayloadError, VringAddr
+from vhostfs.vhost.direct import DirectReads
 from vhostfs.vhost.memory import GuestMemory
 
 if TYPE_CHECKING:
@@ -98,10 +99,19 @@ _RUNNING: Final = RingState.RUNNING
 
 
 class Virtqueue:
-    def __init__(self, index: int, memory: GuestMemory, handler: RequestHandler) -> None:
+    def __init__(
+        self,
+        index: int,
+        memory: GuestMemory,
+        handler: RequestHandler,
+        direct: DirectReads | None = None,
+    ) -> None:
         self.index = index
         self.memory = memory
         self.handler = handler
+        # READs C answers by itself, without calling the handler (vhostfs.vhost.direct).
+        self.direct = direct
+        self._answered = ffi.new("uint32_t *")
         self.ring = ffi.new("struct vq_ring *")
         self.state = RingState.STOPPED  # changed only by _move()
         self.addr: VringAddr | None = None
@@ -248,7 +258,8 @@ class Virtqueue:
         if self.state is not _RUNNING:
             return
         ring, table, handler, memory = self.ring, self.memory.table, self.handler, self.memory
-        spare, pop = self._spare_chains, lib.vq_pop_or_arm
+        spare, pop, answered = self._spare_chains, lib.vq_pop_direct, self._answered
+        direct = _NO_DIRECT if self.direct is None else self.direct.table
         if not self._event_idx:
             # (With EVENT_IDX this is a no-op in C: not moving avail_event is the suppression.)
             lib.vq_set_kicks(ring, 0)
@@ -258,7 +269,7 @@ class Virtqueue:
         try:
             while True:
                 slot = spare.pop() if spare else _new_slot()
-                got = pop(ring, table, slot[0])
+                got = pop(ring, table, slot[0], direct, answered)
                 if got <= 0:
                     spare.append(slot)
                     if got < 0 and got != _NOT_READY:  # not mapped (yet): nothing to take
@@ -271,6 +282,8 @@ class Virtqueue:
             self._notify_now = True
             if self._offloaded:
                 self._finish_offloaded()
+            popped += answered[0]
+            answered[0] = 0
             # Anything pushed? (The u16 index comes back to where it was only after 65536.)
             if ring.used_idx != used_before or popped >= 0x10000:
                 lib.vq_notify(ring, self._notify_fd)
@@ -401,6 +414,11 @@ class ChainRequest:
         self.readable_len: int = chain.read_len
         self.writable_len: int = chain.write_len
 
+    @property
+    def direct(self) -> DirectReads | None:
+        """The table of READs the ring answers in C, which the FUSE layer fills."""
+        return self._queue.direct
+
     def read(self, offset: int, length: int) -> bytes:
         length = max(0, min(length, self.readable_len - offset))
         buf = bytearray(length)
@@ -442,6 +460,8 @@ class ChainRequest:
 
 
 _vq_reply: Final = lib.vq_reply
+# For queues without a table of their own: never enabled, so every chain goes to the handler.
+_NO_DIRECT: Final = ffi.new("struct vq_direct *")
 _vq_reply_preadv: Final = lib.vq_reply_preadv
 _vq_offload_read: Final = lib.vq_offload_read
 _vq_offload_busy: Final = lib.vq_offload_busy
