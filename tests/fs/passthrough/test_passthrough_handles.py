@@ -13,6 +13,7 @@ import pytest
 
 from tests.support import fuse_client as fc
 from tests.support.passthrough_guest import ROOT, Guest
+from vhostfs.fs import Passthrough
 from vhostfs.fs.passthrough.handles import Listings
 
 BIG = 1000  # entries: a 4 KiB reply holds about 100 of them, 20 with READDIRPLUS
@@ -47,6 +48,53 @@ def read_all(w: Guest, node: int, plus: bool = False, size: int = 4096) -> list[
 
 def host_names(directory: Path) -> list[bytes]:
     return sorted([b".", b"..", *(os.fsencode(name) for name in os.listdir(directory))])
+
+
+# Negotiation.
+
+
+def test_the_session_reads_directories_without_handles(w: Guest, big: Path) -> None:
+    assert w.init.flags & fc.NO_OPENDIR_SUPPORT
+    node = w.walk(b"big")
+    # Every OPENDIR is ENOSYS while the flag holds: the kernel stops at the first one.
+    for directory in (ROOT, node, w.walk(b"sub")):
+        assert w.errno_of(fc.opendir(directory)) == errno.ENOSYS
+    assert len(w.fs.handles) == 0
+    assert sorted(d.name for d in read_all(w, node)) == host_names(big)
+
+
+def test_a_kernel_without_the_flag_gets_handles(tree: Path) -> None:
+    fs = Passthrough(tree)
+    try:
+        w = Guest(fs, flags=fc.ALL_FLAGS & ~fc.NO_OPENDIR_SUPPORT)
+        assert not w.init.flags & fc.NO_OPENDIR_SUPPORT
+        assert w.opendir(ROOT) != 0
+        assert len(fs.handles) == 1
+    finally:
+        fs.close()
+
+
+def test_without_readdirplus_plain_readdir_pages_without_handles(tree: Path, big: Path) -> None:
+    fs = Passthrough(tree, readdirplus=False)
+    try:
+        w = Guest(fs)
+        assert w.init.flags & fc.NO_OPENDIR_SUPPORT
+        assert not w.init.flags & fc.DO_READDIRPLUS
+        assert w.errno_of(fc.opendir(ROOT)) == errno.ENOSYS
+        assert sorted(d.name for d in read_all(w, w.walk(b"big"))) == host_names(big)
+    finally:
+        fs.close()
+
+
+def test_cache_never_keeps_opendir(tree: Path) -> None:
+    """The kernel caches the listings of directories it opens without OPENDIR."""
+    fs = Passthrough(tree, cache="never")
+    try:
+        w = Guest(fs)
+        assert not w.init.flags & fc.NO_OPENDIR_SUPPORT
+        assert w.opendir(ROOT) != 0
+    finally:
+        fs.close()
 
 
 # Paging.
