@@ -4,6 +4,7 @@ vhost-user socket with the test front-end playing the guest driver."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import resource
 import sys
@@ -82,3 +83,35 @@ def test_the_open_file_limit_is_raised_at_start(tmp_path: Path) -> None:
     line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
     # Where even root may not raise the hard limit (a container), the hard limit is the most.
     assert int(line.split()[3]) in (54321, min(54321, hard)), line
+
+
+def test_directories_are_read_without_handles(tmp_path: Path) -> None:
+    """OPENDIR is ENOSYS (the kernel then sends neither it nor RELEASEDIR again), READDIR comes
+    with fh 0, and the exit log counts the requests by opcode."""
+    share = tmp_path / "share"
+    (share / "sub").mkdir(parents=True)
+    sock = tmp_path / "s.sock"
+    argv = [sys.executable, "-m", "vhostfs", "serve", "--socket", str(sock)]
+    argv += ["--shared-dir", str(share)]
+    with listening_daemon(argv, sock, log_path=tmp_path / "log") as daemon:
+        with GuestMemory(((0x10_0000, 8 << 20),)) as mem:
+            frontend = Frontend(sock, mem)
+            try:
+                frontend.init()
+                frontend.start()
+                init = fc.parse_init_out(frontend.request(QUEUE, fc.init(), 16 + 64)[16:])
+                assert init.flags & fc.NO_OPENDIR_SUPPORT
+                assert _errno(frontend.request(QUEUE, fc.opendir(fc.ROOT), 16 + 16)) == errno.ENOSYS
+                listing = frontend.request(QUEUE, fc.readdir(fc.ROOT, 0), 16 + 4096)
+                assert sorted(d.name for d in fc.parse_dirents(listing[16:])) == [
+                    b".",
+                    b"..",
+                    b"sub",
+                ]
+            finally:
+                frontend.close()
+        assert daemon.process.wait(10) == 0, daemon.log()
+        line = next(line for line in daemon.log().splitlines() if " requests {" in line)
+    counts = json.loads(line.split(" requests ", 1)[1])
+    assert counts["fops"] == {"INIT": 1, "OPENDIR": 1, "READDIR": 1}
+    assert counts["errors"] == {"OPENDIR": 1}

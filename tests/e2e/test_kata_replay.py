@@ -27,7 +27,14 @@ import pytest
 
 from tests.support.nydusd import Nydusd, kata_go_argv, runtime_rs_argv
 from tests.support.rootfs import debian_rootfs
-from tests.support.vm import GuestResult, ensure_guest_built, require_qemu, run_guest, short_tempdir
+from tests.support.vm import (
+    GuestResult,
+    assert_directories_without_handles,
+    ensure_guest_built,
+    require_qemu,
+    run_guest,
+    short_tempdir,
+)
 
 pytestmark = pytest.mark.guest
 
@@ -183,5 +190,7 @@ def test_kata_replay(image: tuple[Path, Path], argv: Callable[[Path], list[str]]
 
             daemon.process.terminate()
             assert daemon.process.wait(5) == 0, daemon.log()
+            fops = assert_directories_without_handles(daemon.log())
+            print(f"\nrequests: {fops}")
         finally:
             daemon.close()

@@ -19,6 +19,7 @@ import pytest
 
 from tests.support.vm import (
     DaemonProcess,
+    assert_directories_without_handles,
     ensure_guest_built,
     listening_daemon,
     require_qemu,
@@ -151,6 +152,9 @@ def test_every_entry_reads_back_identically(share: Path, daemon: DaemonProcess) 
     extra = sorted(set(seen) - set(expected))
     wrong = sorted(name for name in expected.keys() & seen.keys() if expected[name] != seen[name])
     assert (missing, extra, wrong) == ([], [], []), [seen.get(n) for n in wrong[:5]]
+    assert daemon.process.wait(10) == 0  # it stops when the guest's VMM goes
+    fops = assert_directories_without_handles(daemon.log())
+    print(f"\nrequests for the walk: {fops}")
 
 
 def test_writes_are_refused_with_erofs(share: Path, daemon: DaemonProcess) -> None:

@@ -28,6 +28,7 @@ from tests.support.rootfs import debian_rootfs
 from tests.support.vm import (
     DaemonProcess,
     GuestError,
+    assert_directories_without_handles,
     ensure_guest_built,
     listening_daemon,
     require_qemu,
@@ -150,8 +151,11 @@ def test_python_runs_from_the_image_and_every_file_matches(
             'print("imports ok")\'\n' + CHECKSUM_SCRIPT,
             timeout=1200,
         )
+        assert daemon.process.wait(10) == 0  # it stops when the guest's VMM goes
+        fops = assert_directories_without_handles(daemon.log())
     result.check()
     assert result.output.splitlines()[0] == "imports ok"
+    print(f"\nrequests: {fops}")
     assert parse_sha256sum(result.output) == source_checksums(rootfs)
 
 

@@ -13,8 +13,10 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.support import fuse_client as fc
 from tests.support.paths import NYDUS_FIXTURES as FIXTURES
 from vhostfs.fs.rafs import RafsFs
+from vhostfs.fuse import Dispatcher
 from vhostfs.fuse.ops import ROOT_ID, FileHandle, FileSlice, FuseError, NodeId, RequestContext
 from vhostfs.rafs import open_image
 from vhostfs.rafs.build.builder import BuildOptions, build_image
@@ -264,3 +266,98 @@ def test_a_file_read_sequentially_is_fetched_ahead_of_the_reader(tmp_path: Path)
         run(scenario())
     finally:
         image.close()
+
+
+# Directories without handles: the image lists by inode whatever fh says.
+
+
+class FuseGuest:
+    """Real FUSE bytes through the dispatcher; every reply here comes back inline."""
+
+    def __init__(self, fs: RafsFs, flags: int = fc.ALL_FLAGS) -> None:
+        self.dispatcher = Dispatcher(fs)
+        self.init = fc.handshake(self.dispatcher.handle, flags=flags)
+
+    def send(self, raw: bytes) -> fc.BufferRequest:
+        request = fc.exchange(self.dispatcher.handle, raw, 1 << 16)
+        assert request.completed
+        return request
+
+    def walk(self, path: bytes) -> int:
+        node = 1
+        for name in path.strip(b"/").split(b"/"):
+            node = fc.parse_entry_out(self.send(fc.lookup(node, name)).payload).nodeid
+        return node
+
+    def listing(self, node: int, size: int, plus: bool = False) -> list[fc.Dirent]:
+        """A whole directory read with fh 0, until an empty reply."""
+        out: list[fc.Dirent] = []
+        offset = 0
+        while True:
+            if plus:
+                payload = self.send(fc.readdirplus(node, 0, offset, size)).payload
+                entries = [dirent for _, dirent in fc.parse_direntplus(payload)]
+            else:
+                entries = fc.parse_dirents(self.send(fc.readdir(node, 0, offset, size)).payload)
+            if not entries:
+                return out
+            out += entries
+            offset = entries[-1].off
+
+
+def largest_record(names: list[bytes], plus: bool) -> int:
+    return max((24 + len(name) + 7) & ~7 for name in names) + (128 if plus else 0)
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["readdir", "readdirplus"])
+def test_directories_page_without_handles(fs: RafsFs, plus: bool) -> None:
+    guest = FuseGuest(fs)
+    assert guest.init.flags & fc.NO_OPENDIR_SUPPORT
+    assert guest.send(fc.opendir(1)).error == errno.ENOSYS
+    for path, ino, attr in fs.image.walk():
+        if not stat.S_ISDIR(attr.mode):
+            continue
+        node = 1 if ino == fs.image.root_ino else guest.walk(path)
+        expected = [entry.name for entry in fs.image.readdir(ino)]
+        # One entry per reply at most: every directory takes several.
+        listed = guest.listing(node, largest_record(expected, plus), plus)
+        assert [d.name for d in listed] == expected
+        assert guest.send(fc.opendir(node)).error == errno.ENOSYS  # every time
+
+
+def test_a_kernel_without_the_flag_still_opens_directories(fs: RafsFs) -> None:
+    guest = FuseGuest(fs, flags=fc.ALL_FLAGS & ~fc.NO_OPENDIR_SUPPORT)
+    assert not guest.init.flags & fc.NO_OPENDIR_SUPPORT
+    fh, flags = fc.parse_open_out(guest.send(fc.opendir(1)).payload)
+    assert (fh, flags) == (0, fc.FOPEN_KEEP_CACHE | fc.FOPEN_CACHE_DIR)
+    assert guest.listing(1, 4096)
+    assert guest.send(fc.releasedir(1, fh)).error == 0
+
+
+def test_fh0_edges(fs: RafsFs) -> None:
+    guest = FuseGuest(fs)
+    file = guest.walk(first_file(fs, 0o644))
+    for raw in (fc.readdir(file, 0), fc.readdirplus(file, 0)):
+        assert guest.send(raw).error == errno.ENOTDIR
+    for stale in (0, 1 << 56 | 5, 2**64 - 1):
+        assert guest.send(fc.readdir(stale, 0)).error == errno.ESTALE
+    for offset in (2**32, 2**63 - 1, 2**64 - 1):
+        assert guest.send(fc.readdir(1, 0, offset)).payload == b""
+        assert guest.send(fc.readdirplus(1, 0, offset)).payload == b""
+
+
+def test_a_big_directory_pages_through_each_entry_once(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "big").mkdir(parents=True)
+    for i in range(600):
+        (tree / "big" / f"entry-{i:03d}-{'z' * (i % 29)}").write_bytes(b"")
+    built = build_image([tree], tmp_path / "image", BuildOptions())
+    with open_image(built.bootstrap) as image:
+        storage = open_storage(RafsConfig.from_flags(blob_dir=tmp_path / "image"), image.blobs)
+        guest = FuseGuest(RafsFs(image, storage))
+        big = guest.walk(b"big")
+        expected = sorted([b".", b"..", *(os.fsencode(n) for n in os.listdir(tree / "big"))])
+        for plus in (False, True):
+            listed = [d.name for d in guest.listing(big, 4096, plus)]
+            assert sorted(listed) == expected
+        run(storage.aclose())

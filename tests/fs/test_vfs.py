@@ -2,7 +2,8 @@
 
 Two passthrough exports stand in for Kata's `/containers` and an image at
 `/rafs/c1/lowerdir`; the rules under test (routing, node ids, lookup counts, unmounting while
-the guest holds nodes, EXDEV, ENOSYS kept local) do not depend on what is mounted.
+the guest holds nodes, EXDEV, ENOSYS kept local, OPENDIR answered for the whole session) do
+not depend on what is mounted.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ ROOT = 1
 
 
 class Guest:
-    def __init__(self, vfs: Vfs) -> None:
+    def __init__(self, vfs: Vfs, **init_kw: int) -> None:
         self.vfs = vfs
         self.dispatcher = Dispatcher(vfs)
-        self.init = fc.handshake(self.dispatcher.handle)
+        self.init = fc.handshake(self.dispatcher.handle, **init_kw)
 
     def send(self, raw: bytes) -> fc.BufferRequest:
         request = fc.exchange(self.dispatcher.handle, raw, 1 << 20)
@@ -52,8 +53,14 @@ class Guest:
         return node
 
     def names(self, node: int) -> list[bytes]:
-        fh = fc.parse_open_out(self.send(fc.opendir(node)).payload)[0]
-        return [d.name for d in fc.parse_dirents(self.send(fc.readdir(node, fh)).payload)]
+        """The directory's names, opened as Linux opens it: an OPENDIR answered ENOSYS means
+        no handle (fh 0) and no RELEASEDIR."""
+        opened = self.send(fc.opendir(node))
+        fh = 0 if opened.error == errno.ENOSYS else fc.parse_open_out(opened.payload)[0]
+        names = [d.name for d in fc.parse_dirents(self.send(fc.readdir(node, fh)).payload)]
+        if fh:
+            assert self.error(fc.releasedir(node, fh)) == 0
+        return names
 
     def error(self, raw: bytes) -> int:
         return self.send(raw).error
@@ -213,3 +220,86 @@ def test_a_rafs_image_serves_through_the_pseudo_root(tmp_path: Path) -> None:
 
     assert asyncio.run(serve()) == expected
     image.close()
+
+
+# OPENDIR: answered for the whole session.
+
+HANDLES_KERNEL = fc.ALL_FLAGS & ~fc.NO_OPENDIR_SUPPORT
+
+
+def test_the_vfs_answers_every_opendir_with_enosys_when_negotiated(kata: Guest) -> None:
+    assert kata.init.flags & fc.NO_OPENDIR_SUPPORT
+    containers = kata.walk("/containers")
+    for node in (ROOT, kata.walk("/rafs"), containers, kata.walk("/rafs/c1/lowerdir")):
+        # ENOSYS itself, not the EOPNOTSUPP a mount's ENOSYS becomes: it is meant to end
+        # OPENDIR for the session.
+        assert kata.error(fc.opendir(node)) == errno.ENOSYS
+        assert kata.error(fc.opendir(node)) == errno.ENOSYS
+    assert kata.error(fc.opendir(0xDE << INDEX_SHIFT | 7)) == errno.ENOSYS
+    # Pseudo directories and mounts list with fh 0, inode numbers folded as ever.
+    assert sorted(kata.names(ROOT)) == [b".", b"..", b"containers", b"rafs"]
+    listing = fc.parse_dirents(kata.send(fc.readdir(containers, 0)).payload)
+    shared = next(d for d in listing if d.name == b"shared.txt")
+    assert shared.ino >> INDEX_SHIFT == 1
+    assert kata.error(fc.fsyncdir(containers, 0)) == 0
+    assert kata.error(fc.fsyncdir(ROOT, 0)) == 0
+
+
+def test_without_the_flag_opendir_goes_to_the_mount(tmp_path: Path) -> None:
+    vfs = Vfs()
+    containers = share(tmp_path, "containers", {"shared.txt": b"shared"})
+    asyncio.run(vfs.mount("/containers", containers))
+    try:
+        guest = Guest(vfs, flags=HANDLES_KERNEL)
+        assert not guest.init.flags & fc.NO_OPENDIR_SUPPORT
+        assert fc.parse_open_out(guest.send(fc.opendir(ROOT)).payload) == (0, 0)
+        node = guest.walk("/containers")
+        fh = fc.parse_open_out(guest.send(fc.opendir(node)).payload)[0]
+        assert fh != 0 and len(containers.handles) == 1  # the passthrough's own handle
+        assert b"shared.txt" in guest.names(node)
+        assert guest.error(fc.releasedir(node, fh)) == 0
+        assert len(containers.handles) == 0
+    finally:
+        containers.close()
+
+
+def test_one_mount_that_keeps_opendir_keeps_it_for_all(tmp_path: Path) -> None:
+    """cache=never keeps OPENDIR; a mount that wanted the flag answers ENOSYS, which the VFS
+    turns into an open without a handle, as the kernel itself would have made it."""
+    vfs = Vfs()
+    (tmp_path / "never").mkdir()
+    (tmp_path / "never" / "a").write_bytes(b"a")
+    never = Passthrough(tmp_path / "never", cache="never")
+    auto = share(tmp_path, "auto", {"b": b"b"})
+    asyncio.run(vfs.mount("/never", never))
+    asyncio.run(vfs.mount("/auto", auto))
+    try:
+        guest = Guest(vfs)
+        assert not guest.init.flags & fc.NO_OPENDIR_SUPPORT
+        never_root, auto_root = guest.walk("/never"), guest.walk("/auto")
+        fh = fc.parse_open_out(guest.send(fc.opendir(never_root)).payload)[0]
+        assert fh != 0
+        opened = fc.parse_open_out(guest.send(fc.opendir(auto_root)).payload)
+        assert opened == (0, fc.FOPEN_KEEP_CACHE | fc.FOPEN_CACHE_DIR)
+        assert guest.names(auto_root) == [b".", b"..", b"b"]
+        assert guest.error(fc.releasedir(auto_root, 0)) == 0
+        assert guest.error(fc.releasedir(never_root, fh)) == 0
+    finally:
+        never.close()
+        auto.close()
+
+
+def test_a_mount_added_after_init_lists_without_handles(tmp_path: Path) -> None:
+    vfs = Vfs()
+    guest = Guest(vfs)  # nothing mounted yet: the pseudo tree alone wants the flag
+    assert guest.init.flags & fc.NO_OPENDIR_SUPPORT
+    assert guest.error(fc.opendir(ROOT)) == errno.ENOSYS
+    assert guest.names(ROOT) == [b".", b".."]
+    late = share(tmp_path, "late", {"x": b"x"})
+    asyncio.run(vfs.mount("/late", late))
+    try:
+        node = guest.walk("/late")
+        assert guest.error(fc.opendir(node)) == errno.ENOSYS
+        assert guest.names(node) == [b".", b"..", b"x"]
+    finally:
+        late.close()

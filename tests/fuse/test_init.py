@@ -4,7 +4,7 @@ import errno
 from dataclasses import replace
 
 from tests.support import fuse_client as fc
-from vhostfs.fuse import ConnInfo, Dispatcher, Operations, RequestContext
+from vhostfs.fuse import ConnInfo, Dispatcher, Operations, RequestContext, negotiate
 from vhostfs.fuse.abi import InitFlag
 from vhostfs.fuse.ops import ROOT_ID, Attr, AttrOut, NodeId
 
@@ -168,3 +168,25 @@ def test_failing_fs_init_leaves_session_down() -> None:
     d = Dispatcher(Broken())
     assert fc.exchange(d.handle, fc.init()).error == errno.EMFILE
     assert d.conn is None
+
+
+def test_no_opendir_support_when_the_fs_asks_and_the_kernel_offers() -> None:
+    assert not fc.handshake(Dispatcher(Recorder()).handle).flags & fc.NO_OPENDIR_SUPPORT
+    wants = Recorder(add=InitFlag.NO_OPENDIR_SUPPORT)
+    assert fc.handshake(Dispatcher(wants).handle).flags & fc.NO_OPENDIR_SUPPORT
+    without = fc.ALL_FLAGS & ~fc.NO_OPENDIR_SUPPORT
+    out = fc.handshake(Dispatcher(wants).handle, flags=without)
+    assert not out.flags & fc.NO_OPENDIR_SUPPORT
+
+
+def test_granted_is_what_the_session_runs_with() -> None:
+    """A file system asks negotiate.granted what its init will get; settle must agree."""
+    for kernel in (fc.ALL_FLAGS, fc.ALL_FLAGS & ~fc.NO_OPENDIR_SUPPORT, fc.ASYNC_READ):
+        for ext in (True, False):
+            ops = Recorder(add=InitFlag.NO_OPENDIR_SUPPORT | InitFlag.SECURITY_CTX)
+            d = Dispatcher(ops)
+            fc.handshake(d.handle, flags=kernel, ext=ext)
+            proposal = ops.inits[-1]
+            wanted = (proposal.flags | ops.add) & ~ops.remove
+            assert d.conn is not None
+            assert negotiate.granted(proposal.kernel_flags, wanted) == d.conn.flags

@@ -2,11 +2,17 @@
 
 Requests that the file system finishes on a worker thread (fsync, big writes, ...) suspend;
 `send` then runs an event loop until the reply is there, as the daemon's loop would.
+
+Directories are opened as Linux does it (fs/fuse/file.c): OPENDIR until the daemon answers it
+with ENOSYS, then never again, every directory read with fh 0 and no RELEASEDIR. The default
+kernel offers NO_OPENDIR_SUPPORT; `HANDLES_KERNEL` is one that does not, so the daemon keeps
+handing out directory handles.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import weakref
@@ -17,6 +23,7 @@ from vhostfs.fs import Passthrough
 from vhostfs.fuse import Dispatcher
 
 ROOT = 1
+HANDLES_KERNEL = fc.ALL_FLAGS & ~fc.NO_OPENDIR_SUPPORT
 Snapshot = dict[str, tuple[object, ...]]
 
 
@@ -29,6 +36,7 @@ class Guest:
         self.loop = asyncio.new_event_loop()
         weakref.finalize(self, self.loop.close)
         self.init = fc.handshake(self.d.handle, **init_kw)
+        self.no_opendir = False  # OPENDIR was answered with ENOSYS: fh 0 from now on
 
     def send(self, raw: bytes, writable_len: int = 1 << 21) -> fc.BufferRequest:
         return self.loop.run_until_complete(self.asend(raw, writable_len))
@@ -61,7 +69,14 @@ class Guest:
         return fc.parse_entry_out(payload).nodeid, fc.parse_open_out(payload, 128)[0]
 
     def opendir(self, node: int) -> int:
-        return fc.parse_open_out(self.send(fc.opendir(node)).payload)[0]
+        """The handle to read directory node with (0: none, the daemon wants no OPENDIR)."""
+        if self.no_opendir:
+            return 0
+        req = self.send(fc.opendir(node))
+        if req.error == errno.ENOSYS:
+            self.no_opendir = True
+            return 0
+        return fc.parse_open_out(req.payload)[0]
 
     def read(self, node: int, fh: int, offset: int, size: int) -> bytes:
         return self.send(fc.read(node, fh, offset, size)).payload
@@ -88,7 +103,8 @@ class Guest:
                 page = [(0, de) for de in fc.parse_dirents(payload)]
             out += page
             offset = page[-1][1].off
-        assert self.send(fc.releasedir(node, fh)).error == 0
+        if fh:
+            assert self.send(fc.releasedir(node, fh)).error == 0
         return out
 
 

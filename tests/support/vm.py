@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import stat
 import subprocess
@@ -185,6 +186,23 @@ class DaemonProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def exit_requests(log: str) -> dict[str, dict[str, int]]:
+    """The FUSE requests ("fops") and errors by opcode that a daemon logged when it stopped."""
+    lines = [line for line in log.splitlines() if " requests {" in line]
+    assert lines, log[-3000:]
+    counts: dict[str, dict[str, int]] = json.loads(lines[-1].split(" requests ", 1)[1])
+    return counts
+
+
+def assert_directories_without_handles(log: str) -> dict[str, int]:
+    """The session read directories with fh 0: at most one OPENDIR (answered ENOSYS, after
+    which Linux sends none) and no RELEASEDIR. Returns the request counts."""
+    fops = exit_requests(log)["fops"]
+    assert fops.get("OPENDIR", 0) <= 1, fops
+    assert "RELEASEDIR" not in fops, fops
+    return fops
 
 
 @contextlib.contextmanager

@@ -6,7 +6,10 @@ that the transport copies straight into guest memory.
 
 The image never changes, so the guest may cache everything for as long as it likes: long entry
 and attribute timeouts, KEEP_CACHE on files, CACHE_DIR on directories, CACHE_SYMLINKS. The file
-system keeps no per-inode state, so FORGET has nothing to release.
+system keeps no per-inode state, so FORGET has nothing to release, and directories need no
+handles: it asks for NO_OPENDIR_SUPPORT and answers OPENDIR with ENOSYS, so the kernel stops
+sending OPENDIR and RELEASEDIR for the session and lists directories with fh 0 (readdir never
+looks at fh: the offsets are positions in the image).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from vhostfs.fs.file_maps import FileMaps
 from vhostfs.fs.readahead import Readahead
 from vhostfs.fs.readonly import ReadOnlyOperations, check_access
 from vhostfs.fuse.abi import InitFlag, OpenReplyFlag
+from vhostfs.fuse.negotiate import granted
 from vhostfs.fuse.ops import (
     ROOT_ID,
     Attr,
@@ -93,6 +97,7 @@ class RafsFs(ReadOnlyOperations):
         self._guest_attr = functools.lru_cache(maxsize=ATTR_CACHE_SIZE)(self._build_guest_attr)
         self._readahead = Readahead()
         self._file_maps = FileMaps(image.chunks)
+        self.no_opendir = False  # the session runs with NO_OPENDIR_SUPPORT
 
     # Node ids ------------------------------------------------------------------------------------
 
@@ -178,7 +183,12 @@ class RafsFs(ReadOnlyOperations):
     # Session -------------------------------------------------------------------------------------
 
     async def init(self, conn: ConnInfo) -> ConnInfo:
-        return replace(conn, flags=conn.flags | InitFlag.CACHE_SYMLINKS)
+        flags = conn.flags | InitFlag.CACHE_SYMLINKS | InitFlag.NO_OPENDIR_SUPPORT
+        self.no_opendir = bool(granted(conn.kernel_flags, flags) & InitFlag.NO_OPENDIR_SUPPORT)
+        return replace(conn, flags=flags)
+
+    async def destroy(self) -> None:
+        self.no_opendir = False
 
     # Names and attributes ------------------------------------------------------------------------
 
@@ -277,6 +287,8 @@ class RafsFs(ReadOnlyOperations):
     # Directories ---------------------------------------------------------------------------------
 
     async def opendir(self, node: NodeId, flags: int, ctx: RequestContext) -> OpenOut:
+        if self.no_opendir:
+            raise FuseError(errno.ENOSYS)  # from now on the kernel reads directories with fh 0
         if not stat.S_ISDIR(self._attr(self._ino(node)).mode):
             raise FuseError(errno.ENOTDIR)
         return OpenOut(FileHandle(0), OpenReplyFlag.KEEP_CACHE | OpenReplyFlag.CACHE_DIR)

@@ -18,6 +18,14 @@ turned off on an image, say) must not make the kernel stop asking every other mo
 becomes EOPNOTSUPP (ENODATA for getxattr, an empty list for listxattr). Requests that would
 join two mounts (rename, link, copy_file_range) get EXDEV. st_ino gets the index in its top
 bits, so no two mounts show the same inode number.
+
+OPENDIR is the one ENOSYS meant for the whole session. The pseudo tree lists its directories
+without handles and asks for NO_OPENDIR_SUPPORT; the session keeps it if every mount does too,
+and then the VFS itself answers every OPENDIR with ENOSYS, so the kernel stops sending OPENDIR
+and RELEASEDIR and reads every directory, in every mount, with fh 0 (which every file system
+here can list). Without it, OPENDIR goes to the mount, and a mount's ENOSYS (it wanted the
+flag, another mount kept it off) becomes a handle-less open: fh 0 with the flags the kernel
+itself would use.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from dataclasses import replace
 from typing import Final
 
 from vhostfs.fs.pseudo import ROOT_INO, PathError, PseudoDir, PseudoTree
+from vhostfs.fuse.abi import InitFlag, OpenReplyFlag
+from vhostfs.fuse.negotiate import granted
 from vhostfs.fuse.ops import (
     ROOT_ID,
     Attr,
@@ -56,6 +66,8 @@ INNER_MASK: Final = (1 << INDEX_SHIFT) - 1
 PSEUDO: Final = 0
 MAX_MOUNTS: Final = 255
 PSEUDO_TIMEOUT: Final = 1.0  # pseudo directories change when mounts come and go
+# How the kernel opens a directory without OPENDIR (fs/fuse/file.c, fuse_file_open).
+_HANDLELESS_DIR: Final = OpenOut(FileHandle(0), OpenReplyFlag.KEEP_CACHE | OpenReplyFlag.CACHE_DIR)
 
 
 class MountTableFull(Exception):
@@ -85,6 +97,7 @@ class Vfs(Operations):
         self._slots: list[Operations | _Retired | None] = [None] * (MAX_MOUNTS + 1)
         self._lookups = [0] * (MAX_MOUNTS + 1)  # entries handed out minus forgotten, by index
         self._conn: ConnInfo | None = None
+        self._no_opendir = False  # the session runs with NO_OPENDIR_SUPPORT
 
     # --- The mount table -------------------------------------------------------------------
 
@@ -141,12 +154,16 @@ class Vfs(Operations):
     # --- Session ---------------------------------------------------------------------------
 
     async def init(self, conn: ConnInfo) -> ConnInfo:
-        negotiated = conn
+        # What the pseudo tree itself wants: it lists without handles.
+        negotiated = replace(conn, flags=conn.flags | InitFlag.NO_OPENDIR_SUPPORT)
         for fs in self._mounted():
             wanted = await fs.init(conn)
             # A feature stays on only if every mount keeps it.
             negotiated = replace(negotiated, flags=negotiated.flags & wanted.flags)
         self._conn = negotiated
+        self._no_opendir = bool(
+            granted(conn.kernel_flags, negotiated.flags) & InitFlag.NO_OPENDIR_SUPPORT
+        )
         return negotiated
 
     async def _init_one(self, fs: Operations, conn: ConnInfo) -> None:
@@ -159,6 +176,7 @@ class Vfs(Operations):
 
     async def destroy(self) -> None:
         self._conn = None
+        self._no_opendir = False
         for fs in self._mounted():
             await fs.destroy()
 
@@ -376,11 +394,20 @@ class Vfs(Operations):
     # --- Directories -----------------------------------------------------------------------
 
     async def opendir(self, node: NodeId, flags: int, ctx: RequestContext) -> OpenOut:
+        if self._no_opendir:
+            # Answered here, not by a mount: this ENOSYS is meant to end OPENDIR for the whole
+            # session, and must not become the EOPNOTSUPP of _local.
+            raise FuseError(errno.ENOSYS)
         index, inner = _split(node)
         if index == PSEUDO:
             self._pseudo_dir(inner)
             return OpenOut(FileHandle(0))
-        return await self._fs(index).opendir(NodeId(inner), flags, ctx)
+        try:
+            return await self._fs(index).opendir(NodeId(inner), flags, ctx)
+        except FuseError as e:
+            if e.errno != errno.ENOSYS:
+                raise
+            return _HANDLELESS_DIR  # a mount that lists with fh 0 and wanted the flag
 
     async def readdir(
         self, node: NodeId, fh: FileHandle, offset: int, ctx: RequestContext

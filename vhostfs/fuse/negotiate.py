@@ -98,11 +98,19 @@ def propose(kernel: KernelInit) -> ConnInfo:
     )
 
 
-def settle(kernel: KernelInit, conn: ConnInfo) -> ConnInfo:
-    """Clamp what the file system returned from init to what both sides can do."""
-    flags = conn.flags & ALLOWED & kernel.flags
+def granted(kernel_flags: int, wanted: int) -> int:
+    """The flags a session runs with when the kernel offers kernel_flags and the file system
+    returns wanted from init. A file system whose behaviour depends on a flag (answering
+    OPENDIR with ENOSYS under NO_OPENDIR_SUPPORT, say) asks here rather than guessing."""
+    flags = wanted & ALLOWED & kernel_flags
     if not flags & InitFlag.INIT_EXT:
         flags &= _LOW32
+    return flags
+
+
+def settle(kernel: KernelInit, conn: ConnInfo) -> ConnInfo:
+    """Clamp what the file system returned from init to what both sides can do."""
+    flags = granted(kernel.flags, conn.flags)
     max_pages = max(1, min(conn.max_pages, MAX_PAGES))
     return ConnInfo(
         major=KERNEL_MAJOR,

@@ -4,7 +4,8 @@ Each attack sends crafted FUSE requests through the real dispatcher and checks t
 for every one, nothing outside the export has changed (a snapshot of the export's parent
 directory, taken before, still matches) and the daemon keeps serving. The sandbox-only items
 (H46-H50) and the multi-threaded races are out of scope here: containment must hold without a
-sandbox, which is what these check.
+sandbox, which is what these check. Every attack runs twice: against a session that reads
+directories without handles (fh 0, NO_OPENDIR_SUPPORT negotiated) and one with handles.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import fuse_client as fc
-from tests.support.passthrough_guest import ROOT, Guest, snapshot_around
+from tests.support.passthrough_guest import HANDLES_KERNEL, ROOT, Guest, snapshot_around
+from vhostfs.fs import Passthrough
 from vhostfs.fuse.abi import SetattrValid as V
 
 Attack = Callable[[Guest, Path], None]
@@ -30,6 +32,11 @@ ATTACKS: dict[str, Attack] = {}
 def attack(fn: Attack) -> Attack:
     ATTACKS[fn.__name__] = fn
     return fn
+
+
+@pytest.fixture(params=[fc.ALL_FLAGS, HANDLES_KERNEL], ids=["fh0", "handles"])
+def w(rw: Passthrough, request: pytest.FixtureRequest) -> Guest:
+    return Guest(rw, flags=request.param)
 
 
 def _einval(w: Guest, *raws: bytes) -> None:
@@ -116,7 +123,12 @@ def b7_opening_a_symlink(w: Guest, tree: Path) -> None:
     w.send(fc.symlink(ROOT, b"l", str(tree.parent / "outside.txt").encode()))
     link = w.walk(b"l")
     assert w.errno_of(fc.open_(link, os.O_RDWR)) in (errno.EACCES, errno.ELOOP, errno.EBADF)
-    assert w.errno_of(fc.opendir(w.walk(b"link_etc"))) == errno.ENOTDIR
+    link_etc = w.walk(b"link_etc")
+    opened = w.errno_of(fc.opendir(link_etc))
+    assert opened == (errno.ENOSYS if w.init.flags & fc.NO_OPENDIR_SUPPORT else errno.ENOTDIR)
+    assert w.errno_of(fc.readdir(link_etc, 0)) == errno.ENOTDIR
+    assert w.errno_of(fc.readdirplus(link_etc, 0)) == errno.ENOTDIR
+    assert w.errno_of(fc.fsyncdir(link_etc, 0)) == errno.ENOTDIR
 
 
 @attack

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support import fuse_client as fc
-from tests.support.passthrough_guest import ROOT, Guest, build_tree
+from tests.support.passthrough_guest import HANDLES_KERNEL, ROOT, Guest, build_tree
 from vhostfs.fs import Passthrough
 from vhostfs.fs.passthrough import CachePolicy
 
@@ -34,6 +34,19 @@ def fs(tree: Path) -> Iterator[Passthrough]:
 @pytest.fixture
 def g(fs: Passthrough) -> Guest:
     return Guest(fs)
+
+
+@pytest.fixture(params=[fc.ALL_FLAGS, HANDLES_KERNEL], ids=["fh0", "handles"])
+def dg(fs: Passthrough, request: pytest.FixtureRequest) -> Guest:
+    """A guest reading directories without handles (the kernel offers NO_OPENDIR_SUPPORT), or
+    with them (it does not)."""
+    return Guest(fs, flags=request.param)
+
+
+@pytest.fixture
+def hg(fs: Passthrough) -> Guest:
+    """A guest whose kernel does not offer NO_OPENDIR_SUPPORT: directories have handles."""
+    return Guest(fs, flags=HANDLES_KERNEL)
 
 
 # Lookup, attributes and lookup counts.
@@ -136,7 +149,7 @@ def test_symlinks_are_inodes_not_paths(g: Guest) -> None:
     # Looking up a name "inside" the symlink must not reach /etc/passwd.
     assert g.errno_of(fc.lookup(link.nodeid, b"passwd")) == errno.ENOTDIR
     assert g.errno_of(fc.lookup(link.nodeid, b"..")) == errno.ENOTDIR
-    assert g.errno_of(fc.opendir(link.nodeid)) == errno.ENOTDIR
+    assert g.errno_of(fc.readdir(link.nodeid, 0)) == errno.ENOTDIR
     assert g.errno_of(fc.open_(link.nodeid)) == errno.EACCES
     up = g.lookup(ROOT, b"up")
     assert g.send(fc.readlink(up.nodeid)).payload == b".."
@@ -220,18 +233,18 @@ def test_lseek_data_and_holes(g: Guest) -> None:
 # Directories.
 
 
-def test_readdir_lists_everything_with_small_pages(g: Guest, tree: Path) -> None:
-    many = g.walk(b"many")
+def test_readdir_lists_everything_with_small_pages(dg: Guest, tree: Path) -> None:
+    many = dg.walk(b"many")
     expected = sorted([b".", b".."] + [os.fsencode(n) for n in os.listdir(tree / "many")])
     for size in (64, 200, 4096):
-        entries = g.listing(many, size)
+        entries = dg.listing(many, size)
         assert sorted(de.name for _, de in entries) == expected
         assert len({de.off for _, de in entries}) == len(entries)
-        assert g.nlookup(g.walk(b"many", b"entry-000-")) >= 1
+        assert dg.nlookup(dg.walk(b"many", b"entry-000-")) >= 1
 
 
-def test_readdir_types_and_inodes(g: Guest, tree: Path) -> None:
-    by_name = {de.name: de for _, de in g.listing(ROOT, 4096)}
+def test_readdir_types_and_inodes(dg: Guest, tree: Path) -> None:
+    by_name = {de.name: de for _, de in dg.listing(ROOT, 4096)}
     assert by_name[b"sub"].type == stat.S_IFDIR >> 12
     assert by_name[b"file.txt"].type == stat.S_IFREG >> 12
     assert by_name[b"link_etc"].type == stat.S_IFLNK >> 12
@@ -240,9 +253,9 @@ def test_readdir_types_and_inodes(g: Guest, tree: Path) -> None:
     assert by_name[b"."].ino == by_name[b".."].ino == os.stat(tree).st_ino  # host parent hidden
 
 
-def test_readdirplus_counts_exactly_the_entries_sent(g: Guest, tree: Path) -> None:
-    many = g.walk(b"many")
-    entries = g.listing(many, 700, plus=True)
+def test_readdirplus_counts_exactly_the_entries_sent(dg: Guest, tree: Path) -> None:
+    many = dg.walk(b"many")
+    entries = dg.listing(many, 700, plus=True)
     names = [de.name for _, de in entries]
     assert sorted(names) == sorted(
         [b".", b".."] + [os.fsencode(n) for n in os.listdir(tree / "many")]
@@ -251,37 +264,43 @@ def test_readdirplus_counts_exactly_the_entries_sent(g: Guest, tree: Path) -> No
         if de.name in (b".", b".."):
             assert nodeid == 0
         else:
-            assert g.nlookup(nodeid) == 1, de.name
-    assert len(g.fs.inodes) == 2 + 150  # root, many, and each entry once
+            assert dg.nlookup(nodeid) == 1, de.name
+    assert len(dg.fs.inodes) == 2 + 150  # root, many, and each entry once
 
 
-def test_readdirplus_entry_attrs(g: Guest, tree: Path) -> None:
-    entries = {de.name: (nodeid, de) for nodeid, de in g.listing(ROOT, 4096, plus=True)}
+def test_readdirplus_entry_attrs(dg: Guest, tree: Path) -> None:
+    entries = {de.name: (nodeid, de) for nodeid, de in dg.listing(ROOT, 4096, plus=True)}
     nodeid, _ = entries[b"file.txt"]
-    assert nodeid == g.lookup(ROOT, b"file.txt").nodeid
-    assert g.nlookup(nodeid) == 3  # file.txt and hard via readdirplus, plus this lookup
+    assert nodeid == dg.lookup(ROOT, b"file.txt").nodeid
+    assert dg.nlookup(nodeid) == 3  # file.txt and hard via readdirplus, plus this lookup
 
 
-def test_readdir_offset_zero_takes_a_fresh_snapshot(g: Guest, tree: Path) -> None:
-    sub = g.walk(b"sub")
-    fh = g.opendir(sub)
-    first = fc.parse_dirents(g.send(fc.readdir(sub, fh, 0)).payload)
+def test_readdir_offset_zero_takes_a_fresh_snapshot(hg: Guest, tree: Path) -> None:
+    sub = hg.walk(b"sub")
+    fh = hg.opendir(sub)
+    assert fh != 0
+    first = fc.parse_dirents(hg.send(fc.readdir(sub, fh, 0)).payload)
     (tree / "sub" / "later").write_bytes(b"")
-    cached = fc.parse_dirents(g.send(fc.readdir(sub, fh, 1)).payload)
+    cached = fc.parse_dirents(hg.send(fc.readdir(sub, fh, 1)).payload)
     assert [d.name for d in cached] == [d.name for d in first[1:]]
-    fresh = fc.parse_dirents(g.send(fc.readdir(sub, fh, 0)).payload)
+    fresh = fc.parse_dirents(hg.send(fc.readdir(sub, fh, 0)).payload)
     assert b"later" in [d.name for d in fresh]
-    past_end = g.send(fc.readdir(sub, fh, 2**64 - 1)).payload
+    past_end = hg.send(fc.readdir(sub, fh, 2**64 - 1)).payload
     assert past_end == b""
 
 
-def test_opendir_on_file_and_bad_handles(g: Guest) -> None:
-    assert g.errno_of(fc.opendir(g.walk(b"file.txt"))) == errno.ENOTDIR
-    assert g.errno_of(fc.readdir(ROOT, 999)) == errno.EBADF
-    assert g.errno_of(fc.releasedir(ROOT, 999)) == errno.EBADF
-    fh = g.opendir(ROOT)
-    assert g.errno_of(fc.fsyncdir(ROOT, fh)) == 0
-    assert g.errno_of(fc.syncfs()) == 0
+def test_opendir_on_file_and_bad_handles(hg: Guest) -> None:
+    assert hg.errno_of(fc.opendir(hg.walk(b"file.txt"))) == errno.ENOTDIR
+    assert hg.errno_of(fc.opendir(hg.walk(b"link_etc"))) == errno.ENOTDIR
+    assert hg.errno_of(fc.readdir(ROOT, 999)) == errno.EBADF
+    assert hg.errno_of(fc.releasedir(ROOT, 999)) == errno.EBADF
+    fh = hg.opendir(ROOT)
+    assert fh != 0
+    assert hg.errno_of(fc.readdir(hg.walk(b"sub"), fh)) == errno.EBADF  # another node's
+    assert hg.errno_of(fc.fsyncdir(ROOT, fh)) == 0
+    assert hg.errno_of(fc.syncfs()) == 0
+    assert hg.errno_of(fc.releasedir(ROOT, fh)) == 0
+    assert hg.errno_of(fc.readdir(ROOT, fh)) == errno.EBADF
 
 
 # Everything else read-only.
@@ -393,15 +412,17 @@ def test_destroy_drops_nodes(g: Guest) -> None:
 
 
 @pytest.mark.parametrize(
-    ("cache", "timeout", "file_flags", "dir_flags", "plus", "symlinks"),
+    ("cache", "timeout", "file_flags", "dir_flags", "plus", "symlinks", "no_opendir"),
     [
-        ("never", 0, fc.FOPEN_DIRECT_IO, 0, False, False),
-        ("auto", 1, 0, 0, True, False),
+        # never: the kernel would cache the listings of directories it opens without OPENDIR
+        ("never", 0, fc.FOPEN_DIRECT_IO, 0, False, False, False),
+        ("auto", 1, 0, 0, True, False, True),
         (
             "always",
             86400,
             fc.FOPEN_KEEP_CACHE,
             fc.FOPEN_KEEP_CACHE | fc.FOPEN_CACHE_DIR,
+            True,
             True,
             True,
         ),
@@ -415,16 +436,24 @@ def test_cache_policies(
     dir_flags: int,
     plus: bool,
     symlinks: bool,
+    no_opendir: bool,
 ) -> None:
     fs = Passthrough(tree, cache=cache, readonly=True)
     try:
         g = Guest(fs)
         assert bool(g.init.flags & fc.DO_READDIRPLUS) == plus
         assert bool(g.init.flags & fc.CACHE_SYMLINKS) == symlinks
+        assert bool(g.init.flags & fc.NO_OPENDIR_SUPPORT) == no_opendir
         entry = g.lookup(ROOT, b"file.txt")
         assert (entry.entry_valid, entry.attr_valid) == (timeout, timeout)
         assert fc.parse_open_out(g.send(fc.open_(entry.nodeid)).payload)[1] == file_flags
-        assert fc.parse_open_out(g.send(fc.opendir(ROOT)).payload)[1] == dir_flags
+        opened = g.send(fc.opendir(ROOT))
+        if no_opendir:
+            assert opened.error == errno.ENOSYS
+        else:
+            assert fc.parse_open_out(opened.payload)[1] == dir_flags
+        with_handles = Guest(fs, flags=HANDLES_KERNEL)
+        assert fc.parse_open_out(with_handles.send(fc.opendir(ROOT)).payload)[1] == dir_flags
         missing = g.send(fc.lookup(ROOT, b"missing"))
         if timeout:
             assert fc.parse_entry_out(missing.payload).nodeid == 0
@@ -441,13 +470,15 @@ def test_constructor_checks(tree: Path) -> None:
         Passthrough(tree / "file.txt")
 
 
-def test_close_releases_every_descriptor(tree: Path) -> None:
+@pytest.mark.parametrize("flags", [fc.ALL_FLAGS, HANDLES_KERNEL], ids=["fh0", "handles"])
+def test_close_releases_every_descriptor(tree: Path, flags: int) -> None:
     baseline = len(os.listdir("/proc/self/fd"))
     fs = Passthrough(tree)
-    g = Guest(fs)
+    g = Guest(fs, flags=flags)
     node = g.walk(b"sub", b"inner.txt")
     g.open(node)
     g.opendir(ROOT)
+    g.send(fc.readdir(ROOT, g.opendir(ROOT)))
     g.listing(g.walk(b"many"), 4096, plus=True)
     fs.close()
     g.loop.close()  # the test guest's own event loop holds descriptors too

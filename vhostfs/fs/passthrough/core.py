@@ -19,6 +19,14 @@ the guest already holds, for the names below it, as with virtiofsd without its s
 Cache policy, as virtiofsd: "never" (timeouts 0, direct I/O, no READDIRPLUS), "auto" (1 s,
 page cache dropped on open), "always" (a day, page cache and directory cache kept, cached
 symlinks).
+
+Directories without handles: unless cache is "never", the session asks for
+NO_OPENDIR_SUPPORT and answers OPENDIR with ENOSYS, after which the kernel sends no OPENDIR or
+RELEASEDIR for the rest of the session (two round trips less per directory read) and reads
+directories with fh 0, listed here by inode. The kernel then keeps the listings in its page
+cache (it opens such directories KEEP_CACHE | CACHE_DIR) and drops them when it sees the
+directory's mtime change, which with "auto" it checks once the 1 s attribute timeout has run
+out; "never" promises no guest caching at all, so it keeps OPENDIR.
 """
 
 from __future__ import annotations
@@ -26,10 +34,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import itertools
 import logging
 import os
 import stat
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -37,9 +45,10 @@ from typing import Final, Literal, TypeVar
 
 from vhostfs.fs.inodes import Inode, InodeTable
 from vhostfs.fs.passthrough import creds
-from vhostfs.fs.passthrough.handles import Handles, OpenDir
+from vhostfs.fs.passthrough.handles import NO_HANDLE, Handles, Listing, Listings
 from vhostfs.fs.passthrough.names import checked_lookup_name
 from vhostfs.fuse.abi import InitFlag, OpenReplyFlag
+from vhostfs.fuse.negotiate import granted
 from vhostfs.fuse.ops import (
     ROOT_ID,
     Attr,
@@ -133,11 +142,14 @@ class PassthroughCore(Operations):
         self.umask = current_umask()
         self.inodes = InodeTable(os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         self.handles = Handles()
+        self.listings = Listings()  # directories read without a handle
+        self.no_opendir = False  # the session runs with NO_OPENDIR_SUPPORT
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
         self.handles.clear()
+        self.listings.clear()
         self.inodes.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -170,6 +182,7 @@ class PassthroughCore(Operations):
 
     async def init(self, conn: ConnInfo) -> ConnInfo:
         self.handles.clear()
+        self.listings.clear()
         self.inodes.reset()
         flags = conn.flags
         if not self.readdirplus:
@@ -178,11 +191,16 @@ class PassthroughCore(Operations):
             flags |= InitFlag.CACHE_SYMLINKS
         if self.writeback:
             flags |= InitFlag.WRITEBACK_CACHE
+        if self.cache != "never":
+            flags |= InitFlag.NO_OPENDIR_SUPPORT
+        self.no_opendir = bool(granted(conn.kernel_flags, flags) & InitFlag.NO_OPENDIR_SUPPORT)
         return replace(conn, flags=flags)
 
     async def destroy(self) -> None:
         self.handles.clear()
+        self.listings.clear()
         self.inodes.reset()
+        self.no_opendir = False
 
     # Names and attributes.
 
@@ -315,46 +333,62 @@ class PassthroughCore(Operations):
 
     # Directories.
 
+    def open_directory(self, inode: Inode) -> int:
+        """A new descriptor to read the directory inode (the caller closes it)."""
+        return os.open(proc_path(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
     async def opendir(self, node: NodeId, flags: int, ctx: RequestContext) -> OpenOut:
-        self.directory(node)
-        inode = self.inodes.get(node)
-        fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if self.no_opendir:
+            # The kernel's cue to stop sending OPENDIR and RELEASEDIR for this session; it
+            # reads directories with fh 0 from now on.
+            raise FuseError(errno.ENOSYS)
+        fd = self.open_directory(self.directory(node))
         return OpenOut(self.handles.add_dir(node, fd), _DIR_FLAGS[self.cache])
 
     async def readdir(
         self, node: NodeId, fh: FileHandle, offset: int, ctx: RequestContext
     ) -> Iterable[DirEntry]:
+        if fh == NO_HANDLE:
+            inode = self.directory(node)
+            return self.listings.page(node, offset, lambda: self._snapshot_unopened(inode))
         handle = self.handles.dir(fh, node)
         if offset == 0 or handle.listing is None:
-            handle.listing = self._snapshot(handle)
+            handle.listing = self._snapshot(self.inodes.get(handle.node), handle.fd)
         # Cookies are ours (index + 1); anything past the end is simply the end.
-        return itertools.islice(handle.listing, min(offset, len(handle.listing)), None)
+        return handle.listing.entries(min(offset, len(handle.listing)))
 
-    def _snapshot(self, handle: OpenDir) -> list[DirEntry]:
-        inode = self.inodes.get(handle.node)
-        own = os.fstat(handle.fd)
+    def _snapshot_unopened(self, inode: Inode) -> Listing:
+        fd = self.open_directory(inode)
+        try:
+            return self._snapshot(inode, fd)
+        finally:
+            os.close(fd)
+
+    def _snapshot(self, inode: Inode, fd: int) -> Listing:
+        """Every entry of the directory inode, read through fd (opened on it)."""
+        own = os.fstat(fd)
         parent_ino = own.st_ino
         if inode is not self.inodes.root:  # the root's parent is outside the export: not shown
             with contextlib.suppress(OSError):
                 parent_ino = os.stat(b"..", dir_fd=inode.fd, follow_symlinks=False).st_ino
-        names: list[tuple[bytes, int, int]] = [
-            (b".", own.st_ino, _DT_DIR),
-            (b"..", parent_ino, _DT_DIR),
-        ]
-        os.lseek(handle.fd, 0, os.SEEK_SET)
-        with os.scandir(handle.fd) as entries:
+        names = [b".", b".."]
+        inos = array("Q", (own.st_ino, parent_ino))
+        kinds = bytearray((_DT_DIR, _DT_DIR))
+        os.lseek(fd, 0, os.SEEK_SET)
+        with os.scandir(fd) as entries:
             for entry in entries:
                 try:
                     kind = _dirent_kind(entry)
                 except FileNotFoundError:
                     continue
-                names.append((os.fsencode(entry.name), entry.inode(), kind))
-        return [
-            DirEntry(name, index + 1, ino, kind) for index, (name, ino, kind) in enumerate(names)
-        ]
+                names.append(os.fsencode(entry.name))
+                inos.append(entry.inode())
+                kinds.append(kind)
+        return Listing(names, inos, kinds)
 
     async def releasedir(self, node: NodeId, fh: FileHandle) -> None:
-        self.handles.release_dir(fh, node)
+        if fh != NO_HANDLE:  # fh 0 was opened without a handle: nothing to release
+            self.handles.release_dir(fh, node)
 
     # Extended attributes. Read through /proc/self/fd/N because f*xattr refuses O_PATH
     # descriptors; following that magic link stops at the inode itself, symlinks included.

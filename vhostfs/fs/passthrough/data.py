@@ -28,6 +28,7 @@ from typing import Final
 from vhostfs.fs.inodes import Inode
 from vhostfs.fs.passthrough import syscalls
 from vhostfs.fs.passthrough.core import OFFSET_MAX, PassthroughCore, proc_path
+from vhostfs.fs.passthrough.handles import NO_HANDLE
 from vhostfs.fuse.ops import (
     Attr,
     AttrOut,
@@ -145,7 +146,10 @@ class DataOps(PassthroughCore):
             await self.offload(lambda: sync(fd))
 
     async def fsyncdir(self, node: NodeId, fh: FileHandle, datasync: bool) -> None:
-        fd = os.dup(self.handles.dir(fh, node).fd)  # ours until the worker is done with it
+        if fh == NO_HANDLE:  # a directory the guest opened without OPENDIR
+            fd = self.open_directory(self.directory(node))
+        else:
+            fd = os.dup(self.handles.dir(fh, node).fd)  # ours until the worker is done with it
         try:
             await self.offload(lambda: os.fsync(fd))
         finally:
@@ -154,8 +158,7 @@ class DataOps(PassthroughCore):
     async def syncfs(self, node: NodeId) -> None:
         # syncfs refuses O_PATH descriptors: open the directory itself for it.
         self.inodes.get(node)
-        root = self.inodes.root
-        fd = os.open(proc_path(root.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = self.open_directory(self.inodes.root)
         try:
             await self.offload(lambda: syscalls.syncfs(fd))
         finally:
