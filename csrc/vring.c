@@ -806,6 +806,7 @@ int64_t vq_iov_pwritev(int fd, const struct vq_iov *iov, uint32_t n, size_t offs
 /* ---- direct reads ---- */
 
 #include <sys/stat.h>
+#include <time.h>
 
 #define FUSE_READ_OPCODE 15
 #define FUSE_IN_HEADER_LEN 40
@@ -822,9 +823,10 @@ static struct vq_direct_entry *direct_slot(struct vq_direct *d, uint64_t nodeid,
 }
 
 int vq_direct_add(struct vq_direct *d, uint64_t nodeid, uint64_t fh, int64_t file_start,
-                  int64_t file_end, int64_t eof, int fd, int64_t pos)
+                  int64_t file_end, int64_t eof, int fd, int64_t pos, uint32_t tag)
 {
-    if (fd < 0 || file_start < 0 || file_end <= file_start || pos < 0 || eof < -1)
+    if (fd < 0 || file_start < 0 || file_end <= file_start || pos < 0 || eof < -1 ||
+        tag >= VQ_DIRECT_TAGS)
         return -EINVAL;
     uint64_t window = (uint64_t)file_start >> VQ_DIRECT_WINDOW_SHIFT;
     if (((uint64_t)(file_end - 1) >> VQ_DIRECT_WINDOW_SHIFT) != window)
@@ -834,7 +836,7 @@ int vq_direct_add(struct vq_direct *d, uint64_t nodeid, uint64_t fh, int64_t fil
         return -errno;
     struct vq_direct_entry *e = direct_slot(d, nodeid, fh, window);
     *e = (struct vq_direct_entry){nodeid, fh, file_start, file_end, eof, pos,
-                                  (uint64_t)st.st_dev, (uint64_t)st.st_ino, fd, 0};
+                                  (uint64_t)st.st_dev, (uint64_t)st.st_ino, fd, tag};
     return 0;
 }
 
@@ -894,6 +896,8 @@ static int direct_answer(struct vq_ring *ring, const struct vq_chain *chain, str
         return 0;
     }
     int64_t got = 0;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     int rc = vq_reply_preadv(ring, chain, e->fd, e->pos + (offset - e->file_start),
                              (uint32_t)want, unique, 0, -1, &got);
     if (rc == VQ_REPLY_READ_FAILED) {
@@ -902,8 +906,21 @@ static int direct_answer(struct vq_ring *ring, const struct vq_chain *chain, str
     }
     if (rc < 0)
         return rc;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    uint64_t ns = (uint64_t)(t1.tv_sec - t0.tv_sec) * 1000000000u + (uint64_t)t1.tv_nsec -
+                  (uint64_t)t0.tv_nsec;
     d->hits++;
     d->bytes += (uint64_t)got;
+    struct vq_direct_account *a = &d->accounts[e->tag];
+    uint32_t size_class = 0, latency_class = 0;
+    while (size_class < VQ_DIRECT_CLASSES - 1 && d->size_bounds[size_class] <= (uint64_t)got)
+        size_class++;
+    while (latency_class < VQ_DIRECT_CLASSES - 1 && d->latency_bounds_ns[latency_class] < ns)
+        latency_class++;
+    a->reads++;
+    a->bytes += (uint64_t)got;
+    a->sizes[size_class]++;
+    a->latencies[latency_class]++;
     return 1;
 }
 

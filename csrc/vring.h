@@ -213,6 +213,8 @@ int64_t vq_iov_pwritev(int fd, const struct vq_iov *iov, uint32_t n, size_t offs
  * struct; C writes only the counters and slots, inside these calls. */
 #define VQ_DIRECT_SLOTS 4096
 #define VQ_DIRECT_WINDOW_SHIFT 24
+#define VQ_DIRECT_TAGS 256        /* accounts hits are counted in (a mount each) */
+#define VQ_DIRECT_CLASSES 8       /* size and latency classes per account */
 
 struct vq_direct_entry {
     uint64_t nodeid;
@@ -224,7 +226,17 @@ struct vq_direct_entry {
     uint64_t dev;
     uint64_t ino;
     int32_t fd;                   /* -1: empty */
-    uint32_t pad;
+    uint32_t tag;                 /* the account hits go to */
+};
+
+/* What the hits of one tag came to. A read of n bytes counts in sizes[k], k the number of
+ * size_bounds <= n; one that took t ns in latencies[k], k the number of latency_bounds_ns < t
+ * (nydusd's classes, which Python sets). Python reads and zeroes them between calls. */
+struct vq_direct_account {
+    uint64_t reads;
+    uint64_t bytes;
+    uint64_t sizes[VQ_DIRECT_CLASSES];
+    uint64_t latencies[VQ_DIRECT_CLASSES];
 };
 
 struct vq_direct {
@@ -232,12 +244,16 @@ struct vq_direct {
     uint32_t pad;
     uint64_t hits;                /* READs answered here */
     uint64_t bytes;               /* file bytes they carried */
+    uint64_t size_bounds[VQ_DIRECT_CLASSES - 1];       /* [py] ascending */
+    uint64_t latency_bounds_ns[VQ_DIRECT_CLASSES - 1]; /* [py] ascending */
+    struct vq_direct_account accounts[VQ_DIRECT_TAGS]; /* [py] may zero them */
     struct vq_direct_entry slots[VQ_DIRECT_SLOTS];
 };
 
-/* 0, -EINVAL (a range that is empty, negative or spans windows), or -errno from fstat. */
+/* 0, -EINVAL (a range that is empty, negative or spans windows, a tag out of range), or
+ * -errno from fstat. */
 int vq_direct_add(struct vq_direct *d, uint64_t nodeid, uint64_t fh, int64_t file_start,
-                  int64_t file_end, int64_t eof, int fd, int64_t pos);
+                  int64_t file_end, int64_t eof, int fd, int64_t pos, uint32_t tag);
 void vq_direct_drop(struct vq_direct *d, uint64_t nodeid, uint64_t fh);
 void vq_direct_clear(struct vq_direct *d);
 

@@ -78,7 +78,21 @@ class VqDirectEntry(CData):
     dev: int
     ino: int
     fd: int
-    pad: int
+    tag: int
+
+class _Counts(CData):
+    def __getitem__(self, index: int) -> int: ...
+    def __setitem__(self, index: int, value: int) -> None: ...
+    def __iter__(self) -> Any: ...
+
+class VqDirectAccount(CData):
+    reads: int
+    bytes: int
+    sizes: _Counts
+    latencies: _Counts
+
+class _Accounts(CData):
+    def __getitem__(self, index: int) -> VqDirectAccount: ...
 
 class _DirectSlots(CData):
     def __getitem__(self, index: int) -> VqDirectEntry: ...
@@ -88,6 +102,9 @@ class VqDirect(CData):
     pad: int
     hits: int
     bytes: int
+    size_bounds: _Counts
+    latency_bounds_ns: _Counts
+    accounts: _Accounts
     slots: _DirectSlots
 
 class Uint32Array(CData):
@@ -166,6 +183,8 @@ class _Lib:
     VQ_OFFLOAD_MAX: int
     VQ_DIRECT_SLOTS: int
     VQ_DIRECT_WINDOW_SHIFT: int
+    VQ_DIRECT_TAGS: int
+    VQ_DIRECT_CLASSES: int
     def vq_strerror(self, err: int) -> CData: ...
     def vq_translate(self, mem: VqMemory, gpa: int, len: int, iov: VqIov, max: int) -> int: ...
     def vq_uva_to_hva(self, mem: VqMemory, uva: int, len: int) -> CData: ...
@@ -204,6 +223,7 @@ class _Lib:
         eof: int,
         fd: int,
         pos: int,
+        tag: int,
     ) -> int: ...
     def vq_direct_drop(self, d: VqDirect, nodeid: int, fh: int) -> None: ...
     def vq_direct_clear(self, d: VqDirect) -> None: ...

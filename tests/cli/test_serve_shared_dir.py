@@ -115,3 +115,42 @@ def test_directories_are_read_without_handles(tmp_path: Path) -> None:
     counts = json.loads(line.split(" requests ", 1)[1])
     assert counts["fops"] == {"INIT": 1, "OPENDIR": 1, "READDIR": 1}
     assert counts["errors"] == {"OPENDIR": 1}
+
+
+def test_reads_the_ring_answers_see_the_file_as_it_is_and_end_with_the_handle(
+    tmp_path: Path,
+) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "f").write_bytes(b"A" * 8192)
+    sock = tmp_path / "s.sock"
+    argv = [sys.executable, "-m", "vhostfs", "serve", "--socket", str(sock)]
+    argv += ["--shared-dir", str(share)]
+    with listening_daemon(argv, sock, log_path=tmp_path / "log") as daemon, GuestMemory(
+        ((0x10_0000, 8 << 20),)
+    ) as mem:
+        frontend = Frontend(sock, mem)
+        try:
+            frontend.init()
+            frontend.start()
+            assert _errno(frontend.request(QUEUE, fc.init(), 16 + 64)) == 0
+            node = fc.parse_entry_out(frontend.request(QUEUE, fc.lookup(fc.ROOT, b"f"), 144)[16:])
+            opened = frontend.request(QUEUE, fc.open_(node.nodeid), 32)
+            fh = fc.parse_open_out(opened[16:])[0]
+
+            def read() -> bytes:
+                return frontend.request(QUEUE, fc.read(node.nodeid, fh, 0, 4096), 16 + 4096)
+
+            assert read()[16:] == b"A" * 4096  # Python serves it and offers the window
+            (share / "f").write_bytes(b"B" * 8192)  # same inode, new bytes
+            assert read()[16:] == b"B" * 4096  # the ring reads the fd, never a copy
+            released = frontend.request(QUEUE, fc.release(node.nodeid, fh), 16)
+            assert _errno(released) == 0
+            assert _errno(read()) == errno.EBADF  # the handle's window went with it
+        finally:
+            frontend.close()
+        assert daemon.process.wait(10) == 0, daemon.log()
+    counts = [line for line in daemon.log().splitlines() if " requests {" in line]
+    assert counts, daemon.log()
+    requests = json.loads(counts[-1].split(" requests ", 1)[1])
+    assert requests["fops"]["READ"] == 3 and requests["ring_reads"] == 1

@@ -32,6 +32,7 @@ from vhostfs.daemon import (
     SocketPath,
 )
 from vhostfs.storage import PrefetchConfig, RafsConfig
+from vhostfs.vhost.virtqueue import stop_offload
 
 V6 = NYDUS_FIXTURES / "v6" / "rafs-v6-2.2.boot"
 QUEUE = 1
@@ -139,6 +140,7 @@ def test_every_exit_path_closes_everything(
     mount: MountConfig = rafs_mount(tmp_path) if kind == "rafs" else share(tmp_path)
     socket_path = tmp_path / "vhostfs.sock"
     daemon = Daemon(DaemonConfig(SocketPath(str(socket_path)), (("/", mount),)))
+    stop_offload()  # a helper thread an earlier test started would end inside this one
     fds, threads, py_threads = open_fds(), os_threads(), threading.active_count()
 
     left = uvloop.run(serve_one_session(daemon, socket_path, exit_by))

@@ -140,3 +140,36 @@ def test_remount_swaps_the_image_under_a_running_guest(tmp_path: Path) -> None:
                 frontend.close()
     finally:
         daemon.close()
+
+
+def test_reads_answered_by_the_ring_stop_when_the_image_is_unmounted(tmp_path: Path) -> None:
+    argv = ["virtiofs", "--apisock", str(tmp_path / "api.sock"), "--sock", str(tmp_path / "s")]
+    daemon = Nydusd(argv, tmp_path, tmp_path / "api.sock", tmp_path / "daemon.log")
+    try:
+        daemon.wait_running()
+        body = {"fs_type": "rafs", "source": str(V6), "config": config(tmp_path / "cache")}
+        assert daemon.api.post(f"/api/v1/mount?mountpoint={MOUNTPOINT}", json=body).is_success
+        with GuestMemory(((0x10_0000, 8 << 20),)) as mem:
+            frontend = Frontend(tmp_path / "s", mem)
+            try:
+                frontend.init()
+                frontend.start()
+                assert fc.parse_out_header(frontend.request(QUEUE, fc.init(), 16 + 64)).error == 0
+                node = 1
+                for name in (b"rafs", b"c1", b"lowerdir", b"lib.rs"):
+                    reply = frontend.request(QUEUE, fc.lookup(node, name), 16 + 128)
+                    node = fc.parse_entry_out(reply[16:]).nodeid
+                fh = fc.parse_open_out(frontend.request(QUEUE, fc.open_(node), 16 + 16)[16:])[0]
+                first = frontend.request(QUEUE, fc.read(node, fh, 0, 4096), 16 + 4096)
+                again = frontend.request(QUEUE, fc.read(node, fh, 0, 4096), 16 + 4096)
+                assert first[16:] == again[16:] and len(first) == 16 + 4096
+                fops = daemon.api.get("/api/v1/metrics", params={"id": MOUNTPOINT}).json()
+                assert fops["data_read"] == 2 * 4096  # the ring's answer counted too
+
+                assert daemon.api.delete(f"/api/v1/mount?mountpoint={MOUNTPOINT}").is_success
+                stale = frontend.request(QUEUE, fc.read(node, fh, 0, 4096), 16 + 4096)
+                assert fc.parse_out_header(stale).error == -errno.ESTALE
+            finally:
+                frontend.close()
+    finally:
+        daemon.close()

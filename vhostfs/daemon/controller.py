@@ -106,6 +106,7 @@ class DaemonController:
     # --- Metrics ---------------------------------------------------------------------------
 
     def metrics(self, kind: str, mount_id: str | None, latest: bool) -> Any:
+        self._daemon.fold_direct_reads()
         entry = self._rafs_mount(mount_id)
         assert isinstance(entry.mount, RafsMount)
         storage = entry.mount.storage
@@ -119,6 +120,7 @@ class DaemonController:
         raise ApiError(404, f"metrics: {kind} are not collected (iostats_files, access_pattern)")
 
     def prometheus(self) -> str:
+        self._daemon.fold_direct_reads()
         lines = [f'vhostfs_up{{state="{self._daemon.state.value}"}} 1']
         requests, errors = self._daemon.request_counts()
         lines += metrics.prometheus_requests(requests, errors)

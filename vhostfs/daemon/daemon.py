@@ -30,9 +30,11 @@ from vhostfs.api import ApiServer
 from vhostfs.daemon.config import DaemonConfig, MountConfig, SocketPath
 from vhostfs.daemon.controller import DaemonController
 from vhostfs.daemon.events import ErrorEvents
+from vhostfs.daemon.mount import RafsMount
 from vhostfs.daemon.state import DaemonState, Lifecycle
 from vhostfs.daemon.table import MountTable
 from vhostfs.fuse.dispatch import Dispatcher
+from vhostfs.storage.metrics import READ_LATENCY_CLASSES_NS, READ_SIZE_CLASSES
 from vhostfs.vhost.server import inherited_listener, listen_unix
 from vhostfs.vhost.server import serve as serve_vhost
 from vhostfs.vhost.virtqueue import RequestHandler
@@ -123,10 +125,29 @@ class Daemon:
         await self.mounts.add(mountpoint, config)
 
     async def umount(self, mountpoint: str) -> None:
-        await self.mounts.remove(mountpoint)
+        await self.mounts.remove(mountpoint, before_close=self._forget_direct_reads)
 
     async def remount(self, mountpoint: str, config: MountConfig) -> None:
-        await self.mounts.replace(mountpoint, config)
+        await self.mounts.replace(mountpoint, config, before_close=self._forget_direct_reads)
+
+    def _forget_direct_reads(self) -> None:
+        """The transport answers READs from the mounts' files by itself: stop that before any
+        of those files closes (its counts are folded in first)."""
+        self.fold_direct_reads()
+        for session in self._sessions:
+            session.forget_direct_reads()
+
+    def fold_direct_reads(self) -> None:
+        """Add the READs the transport answered by itself to each image mount's metrics."""
+        for entry in self.mounts:
+            for session in self._sessions:
+                account = session.take_direct_reads(entry.tag)
+                if account is None or not account.reads:
+                    continue
+                if isinstance(entry.mount, RafsMount):
+                    entry.mount.storage.metrics.observe_direct_reads(
+                        account.reads, account.bytes, account.sizes, account.latencies
+                    )
 
     def request_counts(self) -> tuple[Counter[str], Counter[str]]:
         """FUSE requests seen and requests answered with an errno, by opcode name, over every
@@ -145,7 +166,9 @@ class Daemon:
         return inherited_listener(listen.fd)
 
     def _new_session(self) -> RequestHandler:
-        session = Dispatcher(self.mounts.session_fs)
+        session = Dispatcher(
+            self.mounts.session_fs, read_classes=(READ_SIZE_CLASSES, READ_LATENCY_CLASSES_NS)
+        )
         self._sessions.append(session)
         return session.handle
 
@@ -158,10 +181,15 @@ class Daemon:
         if self.state is DaemonState.RUNNING:
             fops, errors = self.request_counts()
             # Whatever is mounted (a directory export has no counters of its own).
-            log.info("requests %s", json.dumps({"fops": fops, "errors": errors}))
+            # ring_reads: of the READs, those the ring answered in C (vhostfs.vhost.direct).
+            ring_reads = sum(session.direct_read_count() for session in self._sessions)
+            counts = {"fops": fops, "errors": errors, "ring_reads": ring_reads}
+            log.info("requests %s", json.dumps(counts))
             # Requests are counted per session, not per mount yet: each mount reports them all.
+            self._forget_direct_reads()
             for entry in self.mounts:
                 entry.mount.report(fops)
+        self._forget_direct_reads()
         await self.mounts.aclose()
         listen = self.config.listen
         if isinstance(listen, SocketPath) and self.state is DaemonState.RUNNING:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from vhostfs.daemon.config import MountConfig
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 ROOT = "/"
 
 
+
+def _nothing() -> None:
+    return None
+
 class MountpointError(Exception):
     """The mountpoint is taken, missing or not usable; the message says which."""
 
@@ -39,6 +43,7 @@ class MountedFs:
     mount: Mount
     config: MountConfig
     mounted_time: float  # seconds since the epoch
+    tag: int = 0  # its index in the VFS (0: the root mount), which READ accounts go by
 
 
 class MountTable:
@@ -67,22 +72,25 @@ class MountTable:
         either, nothing stays open."""
         self._check_free(mountpoint)
         mount = mount_for(config)
+        tag = 0
         try:
             await mount.open()
             if self._vfs is not None:
-                await self._vfs.mount(mountpoint, mount.fs)
+                tag = await self._vfs.mount(mountpoint, mount.fs)
         except (PathError, MountTableFull) as e:
             await mount.aclose()
             raise MountpointError(str(e)) from None
         except BaseException:
             await mount.aclose()
             raise
-        entry = MountedFs(mountpoint, mount, config, time.time())
+        entry = MountedFs(mountpoint, mount, config, time.time(), tag)
         self._mounts[mountpoint] = entry
         log.info("mounted %s at %s", type(mount).__name__, mountpoint)
         return entry
 
-    async def remove(self, mountpoint: str) -> None:
+    async def remove(self, mountpoint: str, before_close: Callable[[], None] = _nothing) -> None:
+        """Unmount; `before_close` runs once the guest can no longer reach the mount and
+        before its files close."""
         entry = self._mounts.get(mountpoint)
         if entry is None:
             raise MountpointError(f"{mountpoint}: not found")
@@ -90,12 +98,16 @@ class MountTable:
             raise MountpointError(f"{mountpoint}: the root mount cannot be removed")
         self._vfs.umount(mountpoint)
         del self._mounts[mountpoint]
+        before_close()
         # Requests of this mount still in flight fail cleanly once its storage is closed.
         await entry.mount.aclose()
         log.info("unmounted %s", mountpoint)
 
-    async def replace(self, mountpoint: str, config: MountConfig) -> None:
-        """Remount: the new config is opened first, so a bad one leaves the old mount serving."""
+    async def replace(
+        self, mountpoint: str, config: MountConfig, before_close: Callable[[], None] = _nothing
+    ) -> None:
+        """Remount: the new config is opened first, so a bad one leaves the old mount serving.
+        `before_close` runs as for remove, before the old mount's files close."""
         old = self._mounts.get(mountpoint)
         if old is None:
             raise MountpointError(f"{mountpoint}: not found")
@@ -108,8 +120,9 @@ class MountTable:
             await mount.aclose()
             raise
         self._vfs.umount(mountpoint)
-        await self._vfs.mount(mountpoint, mount.fs)
-        self._mounts[mountpoint] = MountedFs(mountpoint, mount, config, time.time())
+        tag = await self._vfs.mount(mountpoint, mount.fs)
+        self._mounts[mountpoint] = MountedFs(mountpoint, mount, config, time.time(), tag)
+        before_close()
         await old.mount.aclose()
 
     async def aclose(self) -> None:

@@ -29,10 +29,12 @@ from vhostfs.fs.readonly import ReadOnlyOperations, check_access
 from vhostfs.fuse.abi import InitFlag, OpenReplyFlag
 from vhostfs.fuse.negotiate import granted
 from vhostfs.fuse.ops import (
+    DIRECT_WINDOW,
     ROOT_ID,
     Attr,
     AttrOut,
     ConnInfo,
+    DirectSpan,
     DirEntry,
     EntryOut,
     FileHandle,
@@ -77,6 +79,10 @@ class DataSource(Protocol):
 
     def read_ahead(self, chunks: Sequence[ChunkRef]) -> None:
         """Start fetching those of these chunks that are not cached yet; returns at once."""
+
+    def direct_place(self, chunks: Sequence[ChunkRef], start: int, end: int) -> FileSlice | None:
+        """Where file bytes [start, end) lie back to back in one host file, every chunk ready
+        (cached, or stored as is in a local blob), or None."""
 
 
 class RafsFs(ReadOnlyOperations):
@@ -266,6 +272,29 @@ class RafsFs(ReadOnlyOperations):
             return segments
         except (RafsError, StorageError) as exc:
             raise _fuse_error(exc) from None
+
+    def direct_span(self, node: NodeId, fh: FileHandle, offset: int) -> DirectSpan | None:
+        """The image never changes and ready chunks stay where they are, so a window whose
+        chunks all sit back to back in one host file can be read from it directly."""
+        try:
+            ino = self._ino(node)
+            attr = self._guest_attr(ino)
+        except FuseError:
+            return None
+        if not stat.S_ISREG(attr.st_mode):
+            return None
+        start = offset - offset % DIRECT_WINDOW
+        end = min(start + DIRECT_WINDOW, attr.st_size)
+        if start >= end:
+            return None
+        try:
+            chunks = self._file_maps.chunks(ino, start, end - start)
+            place = self.data.direct_place(chunks, start, end)
+        except (RafsError, StorageError):
+            return None
+        if place is None:
+            return None
+        return DirectSpan(start, end, attr.st_size, place.fd, place.pos)
 
     async def flush(self, node: NodeId, fh: FileHandle, lock_owner: int) -> None:
         return None

@@ -45,6 +45,7 @@ from vhostfs.fuse.ops import (
     Attr,
     AttrOut,
     ConnInfo,
+    DirectSpan,
     DirEntry,
     EntryOut,
     FileHandle,
@@ -335,6 +336,12 @@ class Vfs(Operations):
     ) -> ReadResult:
         index, inner = self._in_mount(node, errno.EISDIR)
         return await self._fs(index).read(NodeId(inner), fh, offset, size, ctx)
+
+    def direct_span(self, node: NodeId, fh: FileHandle, offset: int) -> DirectSpan | None:
+        index, inner = _split(node)
+        fs = self.mounted(index)
+        span = None if fs is None else fs.direct_span(NodeId(inner), fh, offset)
+        return None if span is None else replace(span, tag=index)
 
     async def write(
         self,

@@ -26,7 +26,7 @@ import logging
 import time
 import types
 from collections import Counter
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from functools import partial
 from typing import Any, Final, TypeAlias
 
@@ -35,7 +35,7 @@ from vhostfs.fuse.abi import Opcode
 from vhostfs.fuse.call import Call, Reply
 from vhostfs.fuse.handlers import SPECS
 from vhostfs.fuse.ops import ConnInfo, FileSlice, FuseError, Operations, RequestContext
-from vhostfs.fuse.transport import DirectReads, GuestRequest
+from vhostfs.fuse.transport import DirectAccount, DirectReads, GuestRequest
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,15 @@ class FailureLog:
 class Dispatcher:
     """One FUSE session: the INIT state plus the requests that suspended and still run."""
 
-    def __init__(self, ops: Operations) -> None:
+    def __init__(
+        self,
+        ops: Operations,
+        read_classes: tuple[Sequence[int], Sequence[int]] | None = None,
+    ) -> None:
+        """read_classes: the size and latency bounds the transport counts READs it answers
+        by itself in (see DirectReads.set_classes); None leaves the transport's."""
         self._ops = ops
+        self._read_classes = read_classes
         self.opcodes: Counter[int] = Counter()  # requests seen, by opcode, for the metrics
         self.errors: Counter[int] = Counter()  # requests answered with an errno, by opcode
         self.failures = FailureLog()
@@ -227,7 +234,9 @@ class Dispatcher:
         if opcode in (_INIT, _DESTROY):
             # The session's file handles close now: no READ may be answered from them.
             self._direct = req.direct
-            self.forget_direct_reads()
+            if self._direct is not None:
+                self._direct.enabled = False
+                self._direct.clear()
         if opcode == _INIT:
             init_args = self._read_args(req, min(args_len, _MAX_ARGS))
             return errno.EINVAL if init_args is None else self._init(init_args)
@@ -236,16 +245,22 @@ class Dispatcher:
         return errno.ENOSYS
 
     def forget_direct_reads(self) -> None:
-        """Stop the transport answering READs by itself until the next INIT; call it before
-        anything closes files the session read from (an unmount, a remount)."""
+        """Drop every READ span the transport answers from; call it before anything closes
+        files the session may have read from (an unmount, a remount). Spans are learnt again
+        from the next READs."""
         if self._direct is not None:
-            self._direct.enabled = False
             self._direct.clear()
 
     def _enable_direct_reads(self) -> None:
         if self._direct is not None:
             self._direct.clear()
+            if self._read_classes is not None:
+                self._direct.set_classes(*self._read_classes)
             self._direct.enabled = True
+
+    def take_direct_reads(self, tag: int) -> DirectAccount | None:
+        """What the READs the transport answered for `tag` came to since the last take."""
+        return None if self._direct is None else self._direct.take(tag)
 
     def _context(self, uid: int, gid: int, pid: int) -> RequestContext:
         if len(self._contexts) >= _CONTEXTS_KEPT:

@@ -202,7 +202,8 @@ def _offer_direct(ops: Operations, call: Call, fh: int, offset: int) -> None:
     if direct is not None and direct.enabled:
         span = ops.direct_span(call.node, FileHandle(fh), offset)
         if span is not None:
-            direct.add(call.node, fh, span.file_start, span.file_end, span.eof, span.fd, span.pos)
+            start, end, eof = span.file_start, span.file_end, span.eof
+            direct.add(call.node, fh, start, end, eof, span.fd, span.pos, span.tag)
 
 
 def _clip_pieces(pieces: list[FileSlice | bytes], size: int) -> list[FileSlice | bytes]:

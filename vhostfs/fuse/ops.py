@@ -175,6 +175,7 @@ class DirectSpan:
     eof: int
     fd: int
     pos: int
+    tag: int = 0  # whose account the transport counts these reads in (the VFS: the mount's)
 
 
 # The transport keeps direct spans per aligned window of this many bytes (csrc/vring.h's

@@ -16,20 +16,48 @@ from typing import Protocol
 from vhostfs.segments import FileSlice
 
 
+class DirectAccount(Protocol):
+    """What the READs a transport answered by itself for one tag came to."""
+
+    @property
+    def reads(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def sizes(self) -> list[int]: ...  # by size class
+    @property
+    def latencies(self) -> list[int]: ...  # by latency class
+
+
 class DirectReads(Protocol):
     """READs the transport answers by itself (vhostfs.vhost.direct), from spans the FUSE layer
     vouched for: it adds a span after serving a READ from it, drops a handle's spans before the
-    handle is released, and clears them all whenever fds behind them may close."""
+    handle is released, and clears them all whenever fds behind them may close. Hits are
+    counted per tag (a mount), in the size and latency classes set_classes gave."""
 
     enabled: bool
 
     def add(
-        self, node: int, fh: int, file_start: int, file_end: int, eof: int, fd: int, pos: int
+        self,
+        node: int,
+        fh: int,
+        file_start: int,
+        file_end: int,
+        eof: int,
+        fd: int,
+        pos: int,
+        tag: int = 0,
     ) -> bool: ...
 
     def drop(self, node: int, fh: int) -> None: ...
 
     def clear(self) -> None: ...
+
+    def set_classes(
+        self, size_bounds: Sequence[int], latency_bounds_ns: Sequence[int]
+    ) -> None: ...
+
+    def take(self, tag: int) -> DirectAccount: ...
 
     @property
     def hits(self) -> int: ...

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from vhostfs.segments import Segment
+from vhostfs.segments import FileSlice, Segment
 from vhostfs.storage.backend import BlobBackend, LocalBlobFiles
 from vhostfs.storage.blob import IN_BOOTSTRAP, ZERO_FILL, BlobInfo, ChunkRef, blob_names
 from vhostfs.storage.cache import ChunkCache
@@ -248,6 +248,58 @@ class ImageStorage:
         task = self._flight.read_range(blob, offset, size)
         pending.append(Pending(len(segments), blob, ref, skip, size, task, 0, False))
         segments.append(b"")
+
+    def direct_place(self, chunks: Sequence[ChunkRef], start: int, end: int) -> FileSlice | None:
+        """Where file bytes [start, end) lie back to back in one host file, every chunk
+        ready: cached, stored as is in a local blob, or in the bootstrap. None otherwise (a
+        chunk missing, a hole, a jump to another file or place)."""
+        if self._closed:
+            return None
+        place: FileSlice | None = None
+        position = start
+        for ref in chunks:
+            if position >= end:
+                break
+            if not ref.file_offset <= position < ref.file_end:
+                return None
+            where = self._ready_at(ref)
+            if where is None:
+                return None
+            fd, pos = where[0], where[1] + (position - ref.file_offset)
+            if place is None:
+                place = FileSlice(fd, pos, 0)
+            elif fd != place.fd or pos != place.pos + (position - start):
+                return None
+            position = min(end, ref.file_end)
+        if place is None or position < end:
+            return None
+        return FileSlice(place.fd, place.pos, end - start)
+
+    def _ready_at(self, ref: ChunkRef) -> tuple[int, int] | None:
+        """(fd, position) of ref's first file byte when it can be read there now, else None."""
+        if ref.blob_index == ZERO_FILL:
+            return None
+        if ref.blob_index == IN_BOOTSTRAP:
+            ok = self._bootstrap_fd >= 0 and ref.compressed_offset >= 0
+            size = ref.file_end - ref.file_offset
+            if not ok or ref.compressed_offset + size > self._bootstrap_size:
+                return None
+            return self._bootstrap_fd, ref.compressed_offset
+        if not 0 <= ref.blob_index < len(self._blobs):
+            return None
+        blob = self._blobs[ref.blob_index]
+        if self._served_in_place(blob, ref):
+            if self._local is None:
+                return None
+            local = self._local.local_file(blob.name)
+            if ref.compressed_offset + ref.compressed_size > local.size:
+                return None
+            return local.fd, ref.compressed_offset
+        index = ref.chunk_index
+        cache = blob.cache
+        if index is None or not 0 <= index < cache.chunk_count or not cache.is_ready(index):
+            return None
+        return cache.data_fd, ref.uncompressed_offset
 
     def _blob(self, ref: ChunkRef) -> OpenBlob:
         if not 0 <= ref.blob_index < len(self._blobs):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any, Final
 
 # Bucket 0 holds latencies under 1 µs, bucket i (i >= 1) those in [2^(i-1), 2^i) µs; the last
@@ -42,6 +43,7 @@ class Metrics:
     def __init__(self) -> None:
         self.fops: Counter[str] = Counter()  # by opcode name ("READ"...), merged in by the daemon
         self.read_bytes = 0  # file bytes handed out by reads
+        self.direct_reads = 0  # of the reads, those the transport answered without Python
         self.cache_hits = 0  # chunks found ready in the cache (or local and uncached)
         self.cache_misses = 0  # chunks a read had to wait for
         self.backend_requests = 0
@@ -62,11 +64,24 @@ class Metrics:
         self.read_size_classes[bisect_right(READ_SIZE_CLASSES, size)] += 1
         self.read_latency_classes[bisect_left(READ_LATENCY_CLASSES_NS, elapsed_ns)] += 1
 
+    def observe_direct_reads(
+        self, reads: int, size: int, size_classes: Sequence[int], latency_classes: Sequence[int]
+    ) -> None:
+        """READs the transport answered from the cache (or a local blob) by itself, counted
+        in nydusd's size and latency classes already."""
+        self.read_bytes += size
+        self.direct_reads += reads
+        for i, count in enumerate(size_classes[: len(self.read_size_classes)]):
+            self.read_size_classes[i] += count
+        for i, count in enumerate(latency_classes[: len(self.read_latency_classes)]):
+            self.read_latency_classes[i] += count
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of every counter."""
         return {
             "fops": dict(self.fops),
             "read_bytes": self.read_bytes,
+            "direct_reads": self.direct_reads,
             "cache_hits": self.cache_hits,
             "cache_misses": self.cache_misses,
             "backend_requests": self.backend_requests,

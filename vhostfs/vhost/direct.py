@@ -9,10 +9,23 @@ is the file it was (device and inode), so even a missed drop can never serve ano
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from vhostfs._vring import ffi, lib
 
 WINDOW_SHIFT = int(lib.VQ_DIRECT_WINDOW_SHIFT)
 WINDOW = 1 << WINDOW_SHIFT
+TAGS = int(lib.VQ_DIRECT_TAGS)
+CLASSES = int(lib.VQ_DIRECT_CLASSES)
+
+
+@dataclass(frozen=True, slots=True)
+class DirectAccount:
+    reads: int
+    bytes: int
+    sizes: list[int]  # by size class
+    latencies: list[int]  # by latency class
 
 
 class DirectReads:
@@ -29,12 +42,42 @@ class DirectReads:
         self.table.enabled = int(on)
 
     def add(
-        self, node: int, fh: int, file_start: int, file_end: int, eof: int, fd: int, pos: int
+        self,
+        node: int,
+        fh: int,
+        file_start: int,
+        file_end: int,
+        eof: int,
+        fd: int,
+        pos: int,
+        tag: int = 0,
     ) -> bool:
         """READs of (node, fh) within [file_start, file_end) are fd's bytes from pos on; eof is
-        the file's size (reads stop there) or -1. False if C refused it (a range that is empty
-        or spans a window, an fd that cannot be stat'ed)."""
-        return lib.vq_direct_add(self.table, node, fh, file_start, file_end, eof, fd, pos) == 0
+        the file's size (reads stop there) or -1; hits count in account `tag`. False if C
+        refused it (a range that is empty or spans a window, a tag out of range, an fd that
+        cannot be stat'ed)."""
+        table = self.table
+        return lib.vq_direct_add(table, node, fh, file_start, file_end, eof, fd, pos, tag) == 0
+
+    def set_classes(self, size_bounds: Sequence[int], latency_bounds_ns: Sequence[int]) -> None:
+        """The size and latency classes hits are counted in (CLASSES - 1 ascending bounds
+        each: a size counts in the class after the bounds <= it, a latency after those < it)."""
+        if len(size_bounds) != CLASSES - 1 or len(latency_bounds_ns) != CLASSES - 1:
+            raise ValueError(f"{CLASSES - 1} bounds of each kind are needed")
+        for i, (size, latency) in enumerate(zip(size_bounds, latency_bounds_ns, strict=True)):
+            self.table.size_bounds[i] = size
+            self.table.latency_bounds_ns[i] = latency
+
+    def take(self, tag: int) -> DirectAccount:
+        """What account `tag` counted since the last take, and zero it."""
+        account = self.table.accounts[tag]
+        taken = DirectAccount(
+            account.reads, account.bytes, list(account.sizes), list(account.latencies)
+        )
+        account.reads = account.bytes = 0
+        for i in range(CLASSES):
+            account.sizes[i] = account.latencies[i] = 0
+        return taken
 
     def drop(self, node: int, fh: int) -> None:
         lib.vq_direct_drop(self.table, node, fh)

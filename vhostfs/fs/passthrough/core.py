@@ -50,10 +50,12 @@ from vhostfs.fs.passthrough.names import checked_lookup_name
 from vhostfs.fuse.abi import InitFlag, OpenReplyFlag
 from vhostfs.fuse.negotiate import granted
 from vhostfs.fuse.ops import (
+    DIRECT_WINDOW,
     ROOT_ID,
     Attr,
     AttrOut,
     ConnInfo,
+    DirectSpan,
     DirEntry,
     EntryOut,
     FileHandle,
@@ -322,6 +324,16 @@ class PassthroughCore(Operations):
         self, node: NodeId, fh: FileHandle, offset: int, size: int, ctx: RequestContext
     ) -> ReadResult:
         return FileSlice(self.handles.file(fh, node).fd, offset, size)
+
+    def direct_span(self, node: NodeId, fh: FileHandle, offset: int) -> DirectSpan | None:
+        """A read handle's file is its fd, whatever happens to the file meanwhile: the window
+        around offset can be read straight from it until the handle is released."""
+        try:
+            fd = self.handles.file(fh, node).fd
+        except FuseError:
+            return None
+        start = offset - offset % DIRECT_WINDOW
+        return DirectSpan(start, start + DIRECT_WINDOW, -1, fd, start)
 
     async def release(self, node: NodeId, fh: FileHandle, flags: int) -> None:
         self.handles.release_file(fh, node)
