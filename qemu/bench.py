@@ -448,9 +448,10 @@ def kata_daemon(
             if after_init:
                 later.start()
             yield sock
-            if later.is_alive():
-                d.stop()  # the guest never came up: let the waiting thread see the log end
-            later.join(timeout=5)
+            if after_init:
+                if later.is_alive():
+                    d.stop()  # the guest never came up: let the waiting thread see the log end
+                later.join(timeout=5)
 
 
 def wait_for(path: str) -> str:
