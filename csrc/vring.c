@@ -924,14 +924,82 @@ static int direct_answer(struct vq_ring *ring, const struct vq_chain *chain, str
     return 1;
 }
 
+static struct vq_const_entry *const_slot(struct vq_const *c, uint64_t nodeid, uint32_t opcode)
+{
+    uint64_t h = (nodeid * 0x9E3779B97F4A7C15ull) ^ ((uint64_t)opcode * 0xC2B2AE3D27D4EB4Full);
+    return &c->slots[(h >> 32) % VQ_CONST_SLOTS];
+}
+
+int vq_const_add(struct vq_const *c, uint64_t nodeid, uint32_t opcode, uint32_t args_len,
+                 uint32_t arg_mask, uint32_t arg_value, const uint8_t *payload, uint32_t len)
+{
+    if (opcode == 0 || opcode >= VQ_CONST_OPCODES || len > VQ_CONST_PAYLOAD ||
+        args_len > VQ_REQ_BUF - FUSE_IN_HEADER_LEN || (arg_mask && args_len < 4))
+        return -EINVAL;
+    struct vq_const_entry *e = const_slot(c, nodeid, opcode);
+    e->opcode = 0; /* half-written entries never match */
+    e->nodeid = nodeid;
+    e->args_len = args_len;
+    e->arg_mask = arg_mask;
+    e->arg_value = arg_value & arg_mask;
+    e->len = len;
+    memcpy(e->payload, payload, len);
+    e->opcode = opcode;
+    return 0;
+}
+
+void vq_const_clear(struct vq_const *c)
+{
+    for (uint32_t i = 0; i < VQ_CONST_SLOTS; i++)
+        c->slots[i].opcode = 0;
+}
+
+/* As direct_answer, for the constant replies. */
+static int const_answer(struct vq_ring *ring, const struct vq_chain *chain, struct vq_const *c)
+{
+    if (chain->req_len < FUSE_IN_HEADER_LEN || chain->req_len != chain->read_len)
+        return 0;
+    const uint8_t *req = chain->req;
+    uint32_t len, opcode, arg = 0;
+    uint64_t unique, nodeid;
+    uint16_t extlen;
+    memcpy(&len, req, 4);
+    memcpy(&opcode, req + 4, 4);
+    memcpy(&unique, req + 8, 8);
+    memcpy(&nodeid, req + 16, 8);
+    memcpy(&extlen, req + 36, 2);
+    if (opcode == 0 || opcode >= VQ_CONST_OPCODES || len != chain->read_len || extlen != 0)
+        return 0;
+    struct vq_const_entry *e = const_slot(c, nodeid, opcode);
+    if (e->opcode != opcode || e->nodeid != nodeid ||
+        len != FUSE_IN_HEADER_LEN + e->args_len || chain->write_len < 16 + e->len)
+        return 0;
+    if (e->arg_mask) {
+        memcpy(&arg, req + FUSE_IN_HEADER_LEN, 4);
+        if ((arg & e->arg_mask) != e->arg_value)
+            return 0;
+    }
+    uint8_t reply[16 + VQ_CONST_PAYLOAD];
+    struct out_header header = {16 + e->len, 0, unique};
+    memcpy(reply, &header, sizeof header);
+    memcpy(reply + 16, e->payload, e->len);
+    int rc = vq_reply(ring, chain, reply, 16 + e->len, 0, -1);
+    if (rc < 0)
+        return rc;
+    c->hits[opcode]++;
+    return 1;
+}
+
 int vq_pop_direct(struct vq_ring *ring, const struct vq_memory *mem, struct vq_chain *chain,
-                  struct vq_direct *d, uint32_t *answered)
+                  struct vq_direct *d, struct vq_const *c, uint32_t *answered)
 {
     for (;;) {
         int rc = vq_pop_or_arm(ring, mem, chain);
         if (rc != 1 || !d->enabled)
             return rc;
         int done = direct_answer(ring, chain, d);
+        if (done == 0)
+            done = const_answer(ring, chain, c);
         if (done < 0)
             return done;
         if (done == 0)

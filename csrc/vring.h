@@ -250,6 +250,36 @@ struct vq_direct {
     struct vq_direct_entry slots[VQ_DIRECT_SLOTS];
 };
 
+/* Constant replies: requests whose answer never changes (an immutable image's GETATTR, OPEN,
+ * FLUSH, RELEASE), answered from the reply Python gave the first time. An entry matches a
+ * request with the same opcode and nodeid, exactly args_len bytes of in-args, and a first
+ * in-arg u32 with (arg & arg_mask) == arg_value (OPEN's flags); the reply is fuse_out_header
+ * then the entry's payload. Direct mapped by (nodeid, opcode), like the spans. */
+#define VQ_CONST_SLOTS 4096
+#define VQ_CONST_PAYLOAD 112          /* fuse_attr_out is 104 bytes, fuse_open_out 16 */
+#define VQ_CONST_OPCODES 64           /* hits are counted for opcodes below this */
+
+struct vq_const_entry {
+    uint64_t nodeid;
+    uint32_t opcode;                  /* 0: empty */
+    uint32_t args_len;
+    uint32_t arg_mask;
+    uint32_t arg_value;
+    uint32_t len;                     /* payload bytes */
+    uint32_t pad;
+    uint8_t payload[VQ_CONST_PAYLOAD];
+};
+
+struct vq_const {
+    uint64_t hits[VQ_CONST_OPCODES];  /* [py] may zero them */
+    struct vq_const_entry slots[VQ_CONST_SLOTS];
+};
+
+/* 0, or -EINVAL (opcode 0 or out of range, payload too long). */
+int vq_const_add(struct vq_const *c, uint64_t nodeid, uint32_t opcode, uint32_t args_len,
+                 uint32_t arg_mask, uint32_t arg_value, const uint8_t *payload, uint32_t len);
+void vq_const_clear(struct vq_const *c);
+
 /* 0, -EINVAL (a range that is empty, negative or spans windows, a tag out of range), or
  * -errno from fstat. */
 int vq_direct_add(struct vq_direct *d, uint64_t nodeid, uint64_t fh, int64_t file_start,
@@ -257,8 +287,9 @@ int vq_direct_add(struct vq_direct *d, uint64_t nodeid, uint64_t fh, int64_t fil
 void vq_direct_drop(struct vq_direct *d, uint64_t nodeid, uint64_t fh);
 void vq_direct_clear(struct vq_direct *d);
 
-/* As vq_pop_or_arm, but a READ that an entry of d covers is answered here (header and data,
- * pushed, not notified) and the next chain is taken. Returns as vq_pop_or_arm: 1 = a chain for
- * the caller, 0 = empty (kicks on), or VQ_ERR_*. *answered counts the READs answered. */
+/* As vq_pop_or_arm, but a READ that an entry of d covers, or a request an entry of c matches,
+ * is answered here (pushed, not notified) and the next chain is taken; d->enabled gates both.
+ * Returns as vq_pop_or_arm: 1 = a chain for the caller, 0 = empty (kicks on), or VQ_ERR_*.
+ * *answered counts the requests answered. */
 int vq_pop_direct(struct vq_ring *ring, const struct vq_memory *mem, struct vq_chain *chain,
-                  struct vq_direct *d, uint32_t *answered);
+                  struct vq_direct *d, struct vq_const *c, uint32_t *answered);

@@ -107,6 +107,23 @@ class VqDirect(CData):
     accounts: _Accounts
     slots: _DirectSlots
 
+class VqConstEntry(CData):
+    nodeid: int
+    opcode: int
+    args_len: int
+    arg_mask: int
+    arg_value: int
+    len: int
+    pad: int
+    payload: CData
+
+class _ConstSlots(CData):
+    def __getitem__(self, index: int) -> VqConstEntry: ...
+
+class VqConst(CData):
+    hits: _Counts
+    slots: _ConstSlots
+
 class Uint32Array(CData):
     """`uint32_t *`."""
 
@@ -139,6 +156,8 @@ class FFI:
     def new(self, cdecl: Literal["struct vq_direct *"]) -> VqDirect: ...
     @overload
     def new(self, cdecl: Literal["uint32_t *"]) -> Uint32Array: ...
+    @overload
+    def new(self, cdecl: Literal["struct vq_const *"]) -> VqConst: ...
     @overload
     def new(
         self, cdecl: Literal["struct vq_iov[]", "struct vq_iov[1]"], init: int = ...
@@ -185,6 +204,9 @@ class _Lib:
     VQ_DIRECT_WINDOW_SHIFT: int
     VQ_DIRECT_TAGS: int
     VQ_DIRECT_CLASSES: int
+    VQ_CONST_SLOTS: int
+    VQ_CONST_PAYLOAD: int
+    VQ_CONST_OPCODES: int
     def vq_strerror(self, err: int) -> CData: ...
     def vq_translate(self, mem: VqMemory, gpa: int, len: int, iov: VqIov, max: int) -> int: ...
     def vq_uva_to_hva(self, mem: VqMemory, uva: int, len: int) -> CData: ...
@@ -227,8 +249,26 @@ class _Lib:
     ) -> int: ...
     def vq_direct_drop(self, d: VqDirect, nodeid: int, fh: int) -> None: ...
     def vq_direct_clear(self, d: VqDirect) -> None: ...
+    def vq_const_add(
+        self,
+        c: VqConst,
+        nodeid: int,
+        opcode: int,
+        args_len: int,
+        arg_mask: int,
+        arg_value: int,
+        payload: _Bytes,
+        len: int,
+    ) -> int: ...
+    def vq_const_clear(self, c: VqConst) -> None: ...
     def vq_pop_direct(
-        self, ring: VqRing, mem: VqMemory, chain: VqChain, d: VqDirect, answered: Uint32Array
+        self,
+        ring: VqRing,
+        mem: VqMemory,
+        chain: VqChain,
+        d: VqDirect,
+        c: VqConst,
+        answered: Uint32Array,
     ) -> int: ...
     def vq_offload_start(self) -> int: ...
     def vq_offload_stop(self) -> int: ...

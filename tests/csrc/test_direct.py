@@ -60,7 +60,8 @@ def direct() -> DirectReads:
 def serve(h: Harness, direct: DirectReads) -> tuple[int, int]:
     """One vq_pop_direct: (its result, READs it answered)."""
     answered = ffi.new("uint32_t *")
-    return int(lib.vq_pop_direct(h.ring, h.table, h.chain, direct.table, answered)), answered[0]
+    pop = lib.vq_pop_direct(h.ring, h.table, h.chain, direct.table, direct.consts, answered)
+    return int(pop), answered[0]
 
 
 def chain(h: Harness, request: bytes, room: int = 16 + 4096) -> int:
@@ -180,3 +181,71 @@ def test_spans_that_are_empty_cross_a_window_or_name_a_bad_tag_are_refused(
     assert not direct.add(NODE, FH, WINDOW - 1, WINDOW + 1, -1, fd, 0)
     assert not direct.add(NODE, FH, 0, 10, -1, fd, 0, tag=int(lib.VQ_DIRECT_TAGS))
     assert not direct.add(NODE, FH, 0, 10, -1, 10_000, 0)  # not an open fd
+
+
+# --- Constant replies -------------------------------------------------------------------------
+
+GETATTR, OPEN, FLUSH = 3, 14, 25
+
+
+def request(opcode: int, args: bytes, node: int = NODE, **header: int) -> bytes:
+    fields = {"len": 40 + len(args), "unique": 42, "extlen": 0, **header}
+    return (
+        IN_HEADER.pack(fields["len"], opcode, fields["unique"], node, 0, 0, 0, fields["extlen"], 0)
+        + args
+    )
+
+
+def test_a_constant_reply_is_given_for_requests_shaped_like_the_first(
+    h: Harness, direct: DirectReads
+) -> None:
+    attr = bytes(range(104))
+    assert direct.add_constant(NODE, GETATTR, 16, 0, 0, attr)
+    assert direct.add_constant(NODE, OPEN, 8, 0o1003, 0, b"\x00" * 8 + b"\x02\x00\x00\x00" * 2)
+    assert direct.add_constant(NODE, FLUSH, 24, 0, 0, b"")
+    got = h.drv.add_chain([request(GETATTR, bytes(16))], [16 + 104])
+    opened = h.drv.add_chain([request(OPEN, struct.pack("<II", os.O_RDONLY, 0))], [32])
+    flushed = h.drv.add_chain([request(FLUSH, bytes(24))], [16])
+    python = h.drv.add_chain([request(OPEN, struct.pack("<II", os.O_WRONLY, 0))], [32])
+    assert serve(h, direct) == (1, 3) and h.chain.head == python
+    assert reply(h, got) == ((16 + 104, 0, 42), attr)
+    assert reply(h, opened)[0] == (32, 0, 42)
+    assert reply(h, flushed)[0] == (16, 0, 42)
+    assert direct.constant_hits() == {GETATTR: 1, OPEN: 1, FLUSH: 1}
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        request(GETATTR, bytes(16), node=NODE + 1),  # another node
+        request(GETATTR, bytes(24)),  # in-args of another length
+        request(GETATTR, bytes(16), len=57),  # header length disagrees with the chain
+        request(GETATTR, bytes(16), extlen=2),  # extensions
+        request(FLUSH, bytes(24)),  # no entry for the opcode
+    ],
+)
+def test_other_requests_go_to_python(
+    h: Harness, direct: DirectReads, request_bytes: bytes
+) -> None:
+    assert direct.add_constant(NODE, GETATTR, 16, 0, 0, bytes(104))
+    head = h.drv.add_chain([request_bytes], [16 + 104])
+    assert serve(h, direct) == (1, 0) and h.chain.head == head
+
+
+def test_no_room_for_the_reply_goes_to_python_and_clear_forgets(
+    h: Harness, direct: DirectReads
+) -> None:
+    assert direct.add_constant(NODE, GETATTR, 16, 0, 0, bytes(104))
+    small = h.drv.add_chain([request(GETATTR, bytes(16))], [16 + 50])
+    assert serve(h, direct) == (1, 0) and h.chain.head == small
+    assert lib.vq_push(h.ring, small, 0) == 0
+    direct.clear()
+    again = h.drv.add_chain([request(GETATTR, bytes(16))], [16 + 104])
+    assert serve(h, direct) == (1, 0) and h.chain.head == again
+
+
+def test_bad_constant_entries_are_refused(direct: DirectReads) -> None:
+    assert not direct.add_constant(NODE, 0, 16, 0, 0, b"")
+    assert not direct.add_constant(NODE, int(lib.VQ_CONST_OPCODES), 16, 0, 0, b"")
+    assert not direct.add_constant(NODE, GETATTR, 16, 0, 0, bytes(int(lib.VQ_CONST_PAYLOAD) + 1))
+    assert not direct.add_constant(NODE, OPEN, 2, 3, 0, b"")  # a mask but no u32 to apply it to

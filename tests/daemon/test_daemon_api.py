@@ -142,7 +142,7 @@ def test_remount_swaps_the_image_under_a_running_guest(tmp_path: Path) -> None:
         daemon.close()
 
 
-def test_reads_answered_by_the_ring_stop_when_the_image_is_unmounted(tmp_path: Path) -> None:
+def test_what_the_ring_answers_stops_when_the_image_is_unmounted(tmp_path: Path) -> None:
     argv = ["virtiofs", "--apisock", str(tmp_path / "api.sock"), "--sock", str(tmp_path / "s")]
     daemon = Nydusd(argv, tmp_path, tmp_path / "api.sock", tmp_path / "daemon.log")
     try:
@@ -166,8 +166,14 @@ def test_reads_answered_by_the_ring_stop_when_the_image_is_unmounted(tmp_path: P
                 fops = daemon.api.get("/api/v1/metrics", params={"id": MOUNTPOINT}).json()
                 assert fops["data_read"] == 2 * 4096  # the ring's answer counted too
 
+                for _ in range(2):  # the second is the ring's to answer
+                    attr = frontend.request(QUEUE, fc.getattr_(node), 16 + 104)
+                    assert fc.parse_out_header(attr).error == 0
+
                 assert daemon.api.delete(f"/api/v1/mount?mountpoint={MOUNTPOINT}").is_success
                 stale = frontend.request(QUEUE, fc.read(node, fh, 0, 4096), 16 + 4096)
+                assert fc.parse_out_header(stale).error == -errno.ESTALE
+                stale = frontend.request(QUEUE, fc.getattr_(node), 16 + 104)
                 assert fc.parse_out_header(stale).error == -errno.ESTALE
             finally:
                 frontend.close()

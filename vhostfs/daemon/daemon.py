@@ -181,9 +181,16 @@ class Daemon:
         if self.state is DaemonState.RUNNING:
             fops, errors = self.request_counts()
             # Whatever is mounted (a directory export has no counters of its own).
-            # ring_reads: of the READs, those the ring answered in C (vhostfs.vhost.direct).
+            # ring_reads / ring_constants: of those, what the ring answered in C by itself
+            # (vhostfs.vhost.direct): READs, and GETATTR/OPEN/FLUSH/RELEASE of images.
             ring_reads = sum(session.direct_read_count() for session in self._sessions)
-            counts = {"fops": fops, "errors": errors, "ring_reads": ring_reads}
+            ring_constants = sum(session.constant_reply_count() for session in self._sessions)
+            counts = {
+                "fops": fops,
+                "errors": errors,
+                "ring_reads": ring_reads,
+                "ring_constants": ring_constants,
+            }
             log.info("requests %s", json.dumps(counts))
             # Requests are counted per session, not per mount yet: each mount reports them all.
             self._forget_direct_reads()

@@ -273,6 +273,10 @@ class RafsFs(ReadOnlyOperations):
         except (RafsError, StorageError) as exc:
             raise _fuse_error(exc) from None
 
+    def constant_replies(self, node: NodeId) -> bool:
+        """The image never changes and no reply depends on the handle."""
+        return True
+
     def direct_span(self, node: NodeId, fh: FileHandle, offset: int) -> DirectSpan | None:
         """The image never changes and ready chunks stay where they are, so a window whose
         chunks all sit back to back in one host file can be read from it directly."""

@@ -337,6 +337,11 @@ class Vfs(Operations):
         index, inner = self._in_mount(node, errno.EISDIR)
         return await self._fs(index).read(NodeId(inner), fh, offset, size, ctx)
 
+    def constant_replies(self, node: NodeId) -> bool:
+        index, inner = _split(node)
+        fs = self.mounted(index)  # pseudo directories change as mounts come and go
+        return fs is not None and fs.constant_replies(NodeId(inner))
+
     def direct_span(self, node: NodeId, fh: FileHandle, offset: int) -> DirectSpan | None:
         index, inner = _split(node)
         fs = self.mounted(index)

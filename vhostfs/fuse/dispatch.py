@@ -140,13 +140,19 @@ class Dispatcher:
         """Requests seen so far, by opcode name (unknown opcodes by number), READs the
         transport answered by itself included."""
         counts = self.opcodes.copy()
-        if self._direct is not None and self._direct.hits:
+        if self._direct is not None:
             counts[int(Opcode.READ)] += self._direct.hits
+            counts.update(self._direct.constant_hits())
+            counts = +counts  # no zero entries
         return {_opcode_name(op): count for op, count in sorted(counts.items())}
 
     def direct_read_count(self) -> int:
         """READs the transport answered without the file system."""
         return 0 if self._direct is None else self._direct.hits
+
+    def constant_reply_count(self) -> int:
+        """Requests the transport answered with constant replies."""
+        return 0 if self._direct is None else sum(self._direct.constant_hits().values())
 
     def error_counts(self) -> dict[str, int]:
         """Requests answered with an errno so far, by opcode name."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections.abc import Sequence
 from typing import Final
 
@@ -90,7 +91,24 @@ async def _batch_forget(ops: Operations, call: Call) -> Reply:
 async def _getattr(ops: Operations, call: Call) -> Reply:
     flags, _, fh = abi.GETATTR_IN.unpack_from(call.args)
     handle = FileHandle(fh) if flags & abi.GETATTR_FH else None
-    return abi.pack_attr_out(await ops.getattr(call.node, handle, call.ctx))
+    reply = abi.pack_attr_out(await ops.getattr(call.node, handle, call.ctx))
+    _offer_constant(ops, call, Opcode.GETATTR, reply)
+    return reply
+
+
+# OPEN's answer from a file system with constant replies depends on these flags only.
+_OPEN_FLAGS_THAT_MATTER: Final = os.O_ACCMODE | os.O_TRUNC
+
+
+def _offer_constant(
+    ops: Operations, call: Call, opcode: Opcode, reply: bytes, arg_mask: int = 0
+) -> None:
+    """A reply the file system says never changes for this node: let the transport give it
+    itself next time (vhostfs.vhost.direct), for requests shaped like this one."""
+    direct = call.req.direct
+    if direct is not None and direct.enabled and ops.constant_replies(call.node):
+        first_arg = int.from_bytes(call.args[:4], "little") if arg_mask else 0
+        direct.add_constant(call.node, opcode, len(call.args), arg_mask, first_arg, reply)
 
 
 async def _setattr(ops: Operations, call: Call) -> Reply:
@@ -178,7 +196,9 @@ async def _link(ops: Operations, call: Call) -> Reply:
 async def _open(ops: Operations, call: Call) -> Reply:
     flags, _ = abi.OPEN_IN.unpack_from(call.args)
     out = await ops.open(call.node, flags, call.ctx)
-    return abi.OPEN_OUT.pack(out.fh, out.flags, 0)
+    reply = abi.OPEN_OUT.pack(out.fh, out.flags, 0)
+    _offer_constant(ops, call, Opcode.OPEN, reply, _OPEN_FLAGS_THAT_MATTER)
+    return reply
 
 
 async def _read(ops: Operations, call: Call) -> Reply:
@@ -245,6 +265,7 @@ async def _release(ops: Operations, call: Call) -> Reply:
     if direct is not None:
         direct.drop(call.node, fh)  # before the file system closes the fd behind it
     await ops.release(call.node, FileHandle(fh), flags)
+    _offer_constant(ops, call, Opcode.RELEASE, b"")
     return b""
 
 
@@ -288,6 +309,7 @@ async def _removexattr(ops: Operations, call: Call) -> Reply:
 async def _flush(ops: Operations, call: Call) -> Reply:
     fh, _, _, lock_owner = abi.FLUSH_IN.unpack_from(call.args)
     await ops.flush(call.node, FileHandle(fh), lock_owner)
+    _offer_constant(ops, call, Opcode.FLUSH, b"")
     return b""
 
 

@@ -340,6 +340,12 @@ class Operations:
         data sits in a host file, so the transport can copy it without passing through Python."""
         raise _unsupported()
 
+    def constant_replies(self, node: NodeId) -> bool:
+        """Whether GETATTR, OPEN (with the same access flags), FLUSH and RELEASE of node always
+        get the reply they got once, whatever the handle, for as long as the node is mounted;
+        the transport may then answer them by itself. False by default."""
+        return False
+
     def direct_span(self, node: NodeId, fh: FileHandle, offset: int) -> DirectSpan | None:
         """After a READ at offset was served: the window around it that later READs of this
         handle may take straight from a host file, or None (the default: always ask). Only

@@ -33,7 +33,8 @@ class DirectReads(Protocol):
     """READs the transport answers by itself (vhostfs.vhost.direct), from spans the FUSE layer
     vouched for: it adds a span after serving a READ from it, drops a handle's spans before the
     handle is released, and clears them all whenever fds behind them may close. Hits are
-    counted per tag (a mount), in the size and latency classes set_classes gave."""
+    counted per tag (a mount), in the size and latency classes set_classes gave. The same
+    table answers requests whose replies never change (add_constant), cleared with it."""
 
     enabled: bool
 
@@ -58,6 +59,12 @@ class DirectReads(Protocol):
     ) -> None: ...
 
     def take(self, tag: int) -> DirectAccount: ...
+
+    def add_constant(
+        self, node: int, opcode: int, args_len: int, arg_mask: int, arg_value: int, payload: bytes
+    ) -> bool: ...
+
+    def constant_hits(self) -> dict[int, int]: ...
 
     @property
     def hits(self) -> int: ...

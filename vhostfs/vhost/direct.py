@@ -29,8 +29,12 @@ class DirectAccount:
 
 
 class DirectReads:
+    """The spans of READs the ring answers, and the requests it answers with constant replies
+    (vq_const_*): one `enabled` switch and one `clear` for both."""
+
     def __init__(self) -> None:
         self.table = ffi.new("struct vq_direct *")
+        self.consts = ffi.new("struct vq_const *")
         lib.vq_direct_clear(self.table)
 
     @property
@@ -84,6 +88,23 @@ class DirectReads:
 
     def clear(self) -> None:
         lib.vq_direct_clear(self.table)
+        lib.vq_const_clear(self.consts)
+
+    def add_constant(
+        self, node: int, opcode: int, args_len: int, arg_mask: int, arg_value: int, payload: bytes
+    ) -> bool:
+        """Requests (opcode, node) with args_len bytes of in-args whose first u32 has
+        (arg & arg_mask) == arg_value are answered with payload after the header from now on.
+        False if C refused it (opcode out of range, payload too long)."""
+        consts = self.consts
+        added = lib.vq_const_add(
+            consts, node, opcode, args_len, arg_mask, arg_value, payload, len(payload)
+        )
+        return added == 0
+
+    def constant_hits(self) -> dict[int, int]:
+        """Requests answered with constant replies so far, by opcode."""
+        return {op: int(n) for op, n in enumerate(self.consts.hits) if n}
 
     @property
     def hits(self) -> int:

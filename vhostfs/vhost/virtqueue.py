@@ -260,6 +260,7 @@ class Virtqueue:
         ring, table, handler, memory = self.ring, self.memory.table, self.handler, self.memory
         spare, pop, answered = self._spare_chains, lib.vq_pop_direct, self._answered
         direct = _NO_DIRECT if self.direct is None else self.direct.table
+        consts = _NO_CONST if self.direct is None else self.direct.consts
         if not self._event_idx:
             # (With EVENT_IDX this is a no-op in C: not moving avail_event is the suppression.)
             lib.vq_set_kicks(ring, 0)
@@ -269,7 +270,7 @@ class Virtqueue:
         try:
             while True:
                 slot = spare.pop() if spare else _new_slot()
-                got = pop(ring, table, slot[0], direct, answered)
+                got = pop(ring, table, slot[0], direct, consts, answered)
                 if got <= 0:
                     spare.append(slot)
                     if got < 0 and got != _NOT_READY:  # not mapped (yet): nothing to take
@@ -462,6 +463,7 @@ class ChainRequest:
 _vq_reply: Final = lib.vq_reply
 # For queues without a table of their own: never enabled, so every chain goes to the handler.
 _NO_DIRECT: Final = ffi.new("struct vq_direct *")
+_NO_CONST: Final = ffi.new("struct vq_const *")
 _vq_reply_preadv: Final = lib.vq_reply_preadv
 _vq_offload_read: Final = lib.vq_offload_read
 _vq_offload_busy: Final = lib.vq_offload_busy
