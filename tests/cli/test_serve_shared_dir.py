@@ -3,11 +3,13 @@ vhost-user socket with the test front-end playing the guest driver."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import resource
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from tests.support import fuse_client as fc
 from tests.support.frontend import Frontend
 from tests.support.guest import GuestMemory
-from tests.support.vm import listening_daemon
+from tests.support.vm import DaemonProcess, listening_daemon
 
 QUEUE = 1
 ENTRY_AND_OPEN = 16 + 128 + 16
@@ -25,8 +27,10 @@ def _errno(reply: bytes) -> int:
     return -fc.parse_out_header(reply).error
 
 
-def _session(tmp_path: Path, *flags: str) -> tuple[int, int, int]:
-    """Create, write and mkdir once; returns the three errnos."""
+@contextlib.contextmanager
+def _serving(tmp_path: Path, *flags: str) -> Iterator[tuple[DaemonProcess, Frontend]]:
+    """serve --shared-dir TMP/share FLAGS, a front-end connected and FUSE up; the daemon must
+    exit 0 once the front-end leaves."""
     share = tmp_path / "share"
     share.mkdir(exist_ok=True)
     sock = tmp_path / "s.sock"
@@ -40,16 +44,22 @@ def _session(tmp_path: Path, *flags: str) -> tuple[int, int, int]:
             frontend.init()
             frontend.start()
             assert _errno(frontend.request(QUEUE, fc.init(), 16 + 64)) == 0
-            created = frontend.request(QUEUE, fc.create(fc.ROOT, b"f", os.O_RDWR), ENTRY_AND_OPEN)
-            write_err = errno.EBADF
-            if _errno(created) == 0:
-                node = fc.parse_entry_out(created[16:]).nodeid
-                fh = fc.parse_open_out(created, 16 + 128)[0]
-                write_err = _errno(frontend.request(QUEUE, fc.write(node, fh, 0, b"hi"), 24))
-            made = frontend.request(QUEUE, fc.mkdir(fc.ROOT, b"d"), 16 + 128)
+            yield daemon, frontend
         finally:
             frontend.close()
         assert daemon.process.wait(10) == 0, daemon.log()
+
+
+def _session(tmp_path: Path, *flags: str) -> tuple[int, int, int]:
+    """Create, write and mkdir once; returns the three errnos."""
+    with _serving(tmp_path, *flags) as (_, frontend):
+        created = frontend.request(QUEUE, fc.create(fc.ROOT, b"f", os.O_RDWR), ENTRY_AND_OPEN)
+        write_err = errno.EBADF
+        if _errno(created) == 0:
+            node = fc.parse_entry_out(created[16:]).nodeid
+            fh = fc.parse_open_out(created, 16 + 128)[0]
+            write_err = _errno(frontend.request(QUEUE, fc.write(node, fh, 0, b"hi"), 24))
+        made = frontend.request(QUEUE, fc.mkdir(fc.ROOT, b"d"), 16 + 128)
     return _errno(created), write_err, _errno(made)
 
 
@@ -120,36 +130,20 @@ def test_directories_are_read_without_handles(tmp_path: Path) -> None:
 def test_reads_the_ring_answers_see_the_file_as_it_is_and_end_with_the_handle(
     tmp_path: Path,
 ) -> None:
-    share = tmp_path / "share"
-    share.mkdir()
-    (share / "f").write_bytes(b"A" * 8192)
-    sock = tmp_path / "s.sock"
-    argv = [sys.executable, "-m", "vhostfs", "serve", "--socket", str(sock)]
-    argv += ["--shared-dir", str(share)]
-    with listening_daemon(argv, sock, log_path=tmp_path / "log") as daemon, GuestMemory(
-        ((0x10_0000, 8 << 20),)
-    ) as mem:
-        frontend = Frontend(sock, mem)
-        try:
-            frontend.init()
-            frontend.start()
-            assert _errno(frontend.request(QUEUE, fc.init(), 16 + 64)) == 0
-            node = fc.parse_entry_out(frontend.request(QUEUE, fc.lookup(fc.ROOT, b"f"), 144)[16:])
-            opened = frontend.request(QUEUE, fc.open_(node.nodeid), 32)
-            fh = fc.parse_open_out(opened[16:])[0]
+    (tmp_path / "share").mkdir()
+    (tmp_path / "share" / "f").write_bytes(b"A" * 8192)
+    with _serving(tmp_path) as (daemon, frontend):
+        node = fc.parse_entry_out(frontend.request(QUEUE, fc.lookup(fc.ROOT, b"f"), 144)[16:])
+        fh = fc.parse_open_out(frontend.request(QUEUE, fc.open_(node.nodeid), 32)[16:])[0]
 
-            def read() -> bytes:
-                return frontend.request(QUEUE, fc.read(node.nodeid, fh, 0, 4096), 16 + 4096)
+        def read() -> bytes:
+            return frontend.request(QUEUE, fc.read(node.nodeid, fh, 0, 4096), 16 + 4096)
 
-            assert read()[16:] == b"A" * 4096  # Python serves it and offers the window
-            (share / "f").write_bytes(b"B" * 8192)  # same inode, new bytes
-            assert read()[16:] == b"B" * 4096  # the ring reads the fd, never a copy
-            released = frontend.request(QUEUE, fc.release(node.nodeid, fh), 16)
-            assert _errno(released) == 0
-            assert _errno(read()) == errno.EBADF  # the handle's window went with it
-        finally:
-            frontend.close()
-        assert daemon.process.wait(10) == 0, daemon.log()
+        assert read()[16:] == b"A" * 4096  # Python serves it and offers the window
+        (tmp_path / "share" / "f").write_bytes(b"B" * 8192)  # same inode, new bytes
+        assert read()[16:] == b"B" * 4096  # the ring reads the fd, never a copy
+        assert _errno(frontend.request(QUEUE, fc.release(node.nodeid, fh), 16)) == 0
+        assert _errno(read()) == errno.EBADF  # the handle's window went with it
     counts = [line for line in daemon.log().splitlines() if " requests {" in line]
     assert counts, daemon.log()
     requests = json.loads(counts[-1].split(" requests ", 1)[1])

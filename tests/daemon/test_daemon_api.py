@@ -31,8 +31,8 @@ def config(cache: Path) -> str:
     )
 
 
-def read_lib_rs(frontend: Frontend) -> int:
-    """Look up and read /rafs/c1/lowerdir/lib.rs in 4 KiB requests, plus one stale getattr."""
+def open_lib_rs(frontend: Frontend) -> tuple[int, int]:
+    """FUSE up, then /rafs/c1/lowerdir/lib.rs looked up and opened: (node, fh)."""
     frontend.init()
     frontend.start()
     assert fc.parse_out_header(frontend.request(QUEUE, fc.init(), 16 + 64)).error == 0
@@ -41,6 +41,12 @@ def read_lib_rs(frontend: Frontend) -> int:
         reply = frontend.request(QUEUE, fc.lookup(node, name), 16 + 128)
         node = fc.parse_entry_out(reply[16:]).nodeid
     fh = fc.parse_open_out(frontend.request(QUEUE, fc.open_(node), 16 + 16)[16:])[0]
+    return node, fh
+
+
+def read_lib_rs(frontend: Frontend) -> int:
+    """Look up and read /rafs/c1/lowerdir/lib.rs in 4 KiB requests, plus one stale getattr."""
+    node, fh = open_lib_rs(frontend)
     reads = 0
     for offset in range(0, 16931, 4096):
         assert len(frontend.request(QUEUE, fc.read(node, fh, offset, 4096), 16 + 4096)) > 16
@@ -152,14 +158,7 @@ def test_what_the_ring_answers_stops_when_the_image_is_unmounted(tmp_path: Path)
         with GuestMemory(((0x10_0000, 8 << 20),)) as mem:
             frontend = Frontend(tmp_path / "s", mem)
             try:
-                frontend.init()
-                frontend.start()
-                assert fc.parse_out_header(frontend.request(QUEUE, fc.init(), 16 + 64)).error == 0
-                node = 1
-                for name in (b"rafs", b"c1", b"lowerdir", b"lib.rs"):
-                    reply = frontend.request(QUEUE, fc.lookup(node, name), 16 + 128)
-                    node = fc.parse_entry_out(reply[16:]).nodeid
-                fh = fc.parse_open_out(frontend.request(QUEUE, fc.open_(node), 16 + 16)[16:])[0]
+                node, fh = open_lib_rs(frontend)
                 first = frontend.request(QUEUE, fc.read(node, fh, 0, 4096), 16 + 4096)
                 again = frontend.request(QUEUE, fc.read(node, fh, 0, 4096), 16 + 4096)
                 assert first[16:] == again[16:] and len(first) == 16 + 4096
