@@ -361,3 +361,35 @@ def test_a_big_directory_pages_through_each_entry_once(tmp_path: Path) -> None:
             listed = [d.name for d in guest.listing(big, 4096, plus)]
             assert sorted(listed) == expected
         run(storage.aclose())
+
+
+def test_a_miss_fetches_the_next_files_of_its_blob_too(tmp_path: Path) -> None:
+    (tmp_path / "tree").mkdir()
+    for n in range(20):  # small files, one chunk each, written to the blob in this order
+        (tmp_path / "tree" / f"f{n:02}").write_bytes(f"file {n} ".encode() * 500)
+    built = build_image([tmp_path / "tree"], tmp_path / "image", BuildOptions(chunk_size=65536))
+    image = open_image(built.bootstrap)
+    config = RafsConfig.from_flags(blob_dir=tmp_path / "image", cache_dir=tmp_path / "cache")
+
+    async def scenario() -> None:
+        storage = open_storage(config, image.blobs, bootstrap=built.bootstrap)
+        fs = RafsFs(image, storage)
+        first = (await fs.lookup(ROOT_ID, b"f00", ROOT)).node_id
+        await fs.read(first, FileHandle(0), 0, 65536, ROOT)
+        await asyncio.sleep(0.05)  # the amplified fetch lands meanwhile
+        misses = storage.metrics.cache_misses
+        for n in range(1, 20):
+            node = (await fs.lookup(ROOT_ID, f"f{n:02}".encode(), ROOT)).node_id
+            pieces = await fs.read(node, FileHandle(0), 0, 65536, ROOT)
+            assert isinstance(pieces, list)
+            got = b"".join(
+                os.pread(p.fd, p.size, p.pos) if isinstance(p, FileSlice) else p for p in pieces
+            )
+            assert got == f"file {n} ".encode() * 500
+        assert storage.metrics.cache_misses == misses  # every later file was fetched already
+        await storage.aclose()
+
+    try:
+        run(scenario())
+    finally:
+        image.close()

@@ -62,6 +62,8 @@ TIMEOUT = 86400.0
 NODE_OFFSET = 2
 INO_LIMIT = (1 << 56) - NODE_OFFSET
 ATTR_CACHE_SIZE = 8192
+# The most chunks one miss fetches along with it (small files: one chunk each).
+AMPLIFY_CHUNKS = 64
 
 
 class DataSource(Protocol):
@@ -79,6 +81,13 @@ class DataSource(Protocol):
 
     def read_ahead(self, chunks: Sequence[ChunkRef]) -> None:
         """Start fetching those of these chunks that are not cached yet; returns at once."""
+
+    @property
+    def amplify_io(self) -> int:
+        """Backend bytes a guest miss may fetch in one go (nydusd's amplify_io)."""
+
+    def wants_prefetch(self, ref: ChunkRef) -> bool:
+        """Whether fetching ref would bring something into the cache."""
 
     def direct_place(self, chunks: Sequence[ChunkRef], start: int, end: int) -> FileSlice | None:
         """Where file bytes [start, end) lie back to back in one host file, every chunk ready
@@ -264,7 +273,10 @@ class RafsFs(ReadOnlyOperations):
             return b""
         try:
             chunks = self._file_maps.chunks(ino, offset, end - offset)
+            missing = chunks[-1] if chunks and self.data.wants_prefetch(chunks[-1]) else None
             segments = await self.data.read(chunks, offset, end)
+            if missing is not None:
+                self._amplify(missing)
             ahead = self._readahead.after_read(ino, offset, end, attr.st_size)
             if ahead is not None:
                 lo, hi = ahead
@@ -299,6 +311,29 @@ class RafsFs(ReadOnlyOperations):
         if place is None:
             return None
         return DirectSpan(start, end, attr.st_size, place.fd, place.pos)
+
+    def _amplify(self, missed: ChunkRef) -> None:
+        """A read missed `missed`: fetch the chunks after it in its blob too, up to the
+        amplification budget, as nydusd amplifies user reads. The builder writes a directory's
+        files one after another, so a guest reading through a tree (tar, an interpreter's
+        imports) finds the next files' chunks on their way."""
+        if missed.chunk_index is None:
+            return
+        budget = self.data.amplify_io - missed.compressed_size
+        following = []
+        try:
+            after = self.image.blob_chunks(
+                missed.blob_index, missed.chunk_index + 1, AMPLIFY_CHUNKS
+            )
+        except RafsError:
+            return  # a bad record further on is that chunk's reader's error, not this one's
+        for ref in after:
+            budget -= ref.compressed_size
+            if budget < 0:
+                break
+            following.append(ref)
+        if following:
+            self.data.read_ahead(following)
 
     async def flush(self, node: NodeId, fh: FileHandle, lock_owner: int) -> None:
         return None

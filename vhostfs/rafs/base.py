@@ -118,6 +118,12 @@ class RafsImage(ABC):
         range.
         """
 
+    def blob_chunks(self, blob_index: int, first: int, count: int) -> list[ChunkRef]:
+        """Refs of chunks first, first + 1, ... (up to count, fewer at the blob's end) of a
+        blob, in the blob's order, as whole chunks (file_offset 0): what a read of one chunk
+        may fetch along with it. Empty for formats that cannot say (the default)."""
+        return []
+
     def prefetch_table(self) -> list[int]:
         """Inodes the image asks to have read ahead at mount (unchecked: getattr each)."""
         return []

@@ -252,6 +252,18 @@ class RafsV6Image(ErofsImage):
             raise CorruptError(f"{what}: blkaddr {blkaddr} differs from the chunk table")
         return record_to_ref(record, blob, file_offset, length, what)
 
+    def blob_chunks(self, blob_index: int, first: int, count: int) -> list[ChunkRef]:
+        if not 0 <= blob_index < len(self.blobs) or first < 0:
+            return []
+        blob = self.blobs[blob_index]
+        refs = []
+        for chunk_index in range(first, min(first + count, blob.chunk_count)):
+            what = f"blob {blob.blob_id} chunk {chunk_index}"
+            offset = self._find_record(blob_index, chunk_index, what)
+            record = read_record(self._mapped, offset, what)
+            refs.append(record_to_ref(record, blob, 0, record.uncompressed_size, what))
+        return refs
+
     def _find_record(self, blob_index: int, chunk_index: int, what: str) -> int:
         """The file offset of the chunk table record for (blob, chunk index)."""
         table = self._chunk_table_index()

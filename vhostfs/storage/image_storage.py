@@ -362,6 +362,10 @@ class ImageStorage:
         ]
         return self._flight.start(wanted, limit, prefetch=True) if wanted else []
 
+    @property
+    def amplify_io(self) -> int:
+        return self.options.amplify_io
+
     def read_ahead(self, refs: Sequence[ChunkRef]) -> None:
         """Fetch these chunks into the cache if they are not there or on their way, as the
         guest will soon want them (a file read sequentially); nothing waits for them, and a
