@@ -952,6 +952,42 @@ void vq_const_clear(struct vq_const *c)
 {
     for (uint32_t i = 0; i < VQ_CONST_SLOTS; i++)
         c->slots[i].opcode = 0;
+    for (uint32_t i = 0; i < VQ_CONST_RANGES; i++)
+        c->ranges[i].opcode = 0;
+}
+
+int vq_const_add_range(struct vq_const *c, uint32_t opcode, uint32_t args_len, uint64_t lo,
+                       uint64_t hi)
+{
+    if (opcode == 0 || opcode >= VQ_CONST_OPCODES || lo > hi ||
+        args_len > VQ_REQ_BUF - FUSE_IN_HEADER_LEN)
+        return -EINVAL;
+    struct vq_const_range *free_range = NULL;
+    for (uint32_t i = 0; i < VQ_CONST_RANGES; i++) {
+        struct vq_const_range *r = &c->ranges[i];
+        if (r->opcode == opcode && r->lo == lo && r->hi == hi && r->args_len == args_len)
+            return 0;
+        if (r->opcode == 0 && free_range == NULL)
+            free_range = r;
+    }
+    if (free_range == NULL)
+        return -ENOSPC;
+    free_range->lo = lo;
+    free_range->hi = hi;
+    free_range->args_len = args_len;
+    free_range->opcode = opcode;
+    return 0;
+}
+
+static int in_empty_range(const struct vq_const *c, uint32_t opcode, uint64_t nodeid,
+                          uint32_t args_len)
+{
+    for (uint32_t i = 0; i < VQ_CONST_RANGES; i++) {
+        const struct vq_const_range *r = &c->ranges[i];
+        if (r->opcode == opcode && r->args_len == args_len && r->lo <= nodeid && nodeid <= r->hi)
+            return 1;
+    }
+    return 0;
 }
 
 /* As direct_answer, for the constant replies. */
@@ -971,8 +1007,17 @@ static int const_answer(struct vq_ring *ring, const struct vq_chain *chain, stru
     if (opcode == 0 || opcode >= VQ_CONST_OPCODES || len != chain->read_len || extlen != 0)
         return 0;
     struct vq_const_entry *e = const_slot(c, nodeid, opcode);
-    if (e->opcode != opcode || e->nodeid != nodeid ||
-        len != FUSE_IN_HEADER_LEN + e->args_len || chain->write_len < 16 + e->len)
+    if (e->opcode != opcode || e->nodeid != nodeid) {
+        if (chain->write_len < 16 || !in_empty_range(c, opcode, nodeid, len - FUSE_IN_HEADER_LEN))
+            return 0;
+        struct out_header empty = {16, 0, unique};
+        int rc = vq_reply(ring, chain, &empty, sizeof empty, 0, -1);
+        if (rc < 0)
+            return rc;
+        c->hits[opcode]++;
+        return 1;
+    }
+    if (len != FUSE_IN_HEADER_LEN + e->args_len || chain->write_len < 16 + e->len)
         return 0;
     if (e->arg_mask) {
         memcpy(&arg, req + FUSE_IN_HEADER_LEN, 4);

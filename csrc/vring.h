@@ -270,8 +270,21 @@ struct vq_const_entry {
     uint8_t payload[VQ_CONST_PAYLOAD];
 };
 
+/* Whole ranges of nodes whose requests of one opcode get an empty reply (an image's FLUSH and
+ * RELEASE: nothing to flush, nothing to release), for requests with exactly args_len bytes of
+ * in-args. opcode 0: a free range. */
+#define VQ_CONST_RANGES 64
+
+struct vq_const_range {
+    uint64_t lo;                      /* node ids lo..hi, both included */
+    uint64_t hi;
+    uint32_t opcode;
+    uint32_t args_len;
+};
+
 struct vq_const {
     uint64_t hits[VQ_CONST_OPCODES];  /* [py] may zero them */
+    struct vq_const_range ranges[VQ_CONST_RANGES];
     struct vq_const_entry slots[VQ_CONST_SLOTS];
 };
 
@@ -279,6 +292,9 @@ struct vq_const {
 int vq_const_add(struct vq_const *c, uint64_t nodeid, uint32_t opcode, uint32_t args_len,
                  uint32_t arg_mask, uint32_t arg_value, const uint8_t *payload, uint32_t len);
 void vq_const_clear(struct vq_const *c);
+/* 0 (added, or there already), -EINVAL (opcode out of range, lo > hi) or -ENOSPC. */
+int vq_const_add_range(struct vq_const *c, uint32_t opcode, uint32_t args_len, uint64_t lo,
+                       uint64_t hi);
 
 /* 0, -EINVAL (a range that is empty, negative or spans windows, a tag out of range), or
  * -errno from fstat. */

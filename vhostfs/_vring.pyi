@@ -120,8 +120,18 @@ class VqConstEntry(CData):
 class _ConstSlots(CData):
     def __getitem__(self, index: int) -> VqConstEntry: ...
 
+class VqConstRange(CData):
+    lo: int
+    hi: int
+    opcode: int
+    args_len: int
+
+class _ConstRanges(CData):
+    def __getitem__(self, index: int) -> VqConstRange: ...
+
 class VqConst(CData):
     hits: _Counts
+    ranges: _ConstRanges
     slots: _ConstSlots
 
 class Uint32Array(CData):
@@ -207,6 +217,7 @@ class _Lib:
     VQ_CONST_SLOTS: int
     VQ_CONST_PAYLOAD: int
     VQ_CONST_OPCODES: int
+    VQ_CONST_RANGES: int
     def vq_strerror(self, err: int) -> CData: ...
     def vq_translate(self, mem: VqMemory, gpa: int, len: int, iov: VqIov, max: int) -> int: ...
     def vq_uva_to_hva(self, mem: VqMemory, uva: int, len: int) -> CData: ...
@@ -261,6 +272,9 @@ class _Lib:
         len: int,
     ) -> int: ...
     def vq_const_clear(self, c: VqConst) -> None: ...
+    def vq_const_add_range(
+        self, c: VqConst, opcode: int, args_len: int, lo: int, hi: int
+    ) -> int: ...
     def vq_pop_direct(
         self,
         ring: VqRing,

@@ -249,3 +249,30 @@ def test_bad_constant_entries_are_refused(direct: DirectReads) -> None:
     assert not direct.add_constant(NODE, int(lib.VQ_CONST_OPCODES), 16, 0, 0, b"")
     assert not direct.add_constant(NODE, GETATTR, 16, 0, 0, bytes(int(lib.VQ_CONST_PAYLOAD) + 1))
     assert not direct.add_constant(NODE, OPEN, 2, 3, 0, b"")  # a mask but no u32 to apply it to
+
+
+def test_a_range_of_nodes_gets_empty_replies_for_its_opcode_only(
+    h: Harness, direct: DirectReads
+) -> None:
+    assert direct.add_empty_range(FLUSH, 24, 1 << 56, (2 << 56) - 1)
+    assert direct.add_empty_range(FLUSH, 24, 1 << 56, (2 << 56) - 1)  # once is enough
+    inside = h.drv.add_chain([request(FLUSH, bytes(24), node=1 << 56 | 5)], [16])
+    outside = h.drv.add_chain([request(FLUSH, bytes(24), node=2 << 56 | 5)], [16])
+    assert serve(h, direct) == (1, 1) and h.chain.head == outside
+    assert reply(h, inside)[0] == (16, 0, 42)
+    assert lib.vq_push(h.ring, outside, 0) == 0
+    others = [request(GETATTR, bytes(16), node=1 << 56), request(FLUSH, bytes(8), node=1 << 56)]
+    for other in others:
+        head = h.drv.add_chain([other], [16 + 104])
+        assert serve(h, direct) == (1, 0) and h.chain.head == head
+        assert lib.vq_push(h.ring, head, 0) == 0
+    direct.clear()
+    head = h.drv.add_chain([request(FLUSH, bytes(24), node=1 << 56 | 5)], [16])
+    assert serve(h, direct) == (1, 0) and h.chain.head == head
+
+
+def test_empty_ranges_are_bounded(direct: DirectReads) -> None:
+    ranges = int(lib.VQ_CONST_RANGES)
+    assert all(direct.add_empty_range(FLUSH, 24, n, n) for n in range(ranges))
+    assert not direct.add_empty_range(FLUSH, 24, ranges, ranges)
+    assert not direct.add_empty_range(FLUSH, 24, 10, 9)

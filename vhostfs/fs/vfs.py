@@ -337,6 +337,15 @@ class Vfs(Operations):
         index, inner = self._in_mount(node, errno.EISDIR)
         return await self._fs(index).read(NodeId(inner), fh, offset, size, ctx)
 
+    def idle_range(self, node: NodeId) -> tuple[int, int] | None:
+        index, inner = _split(node)
+        fs = self.mounted(index)
+        nodes = None if fs is None else fs.idle_range(NodeId(inner))
+        if nodes is None:
+            return None
+        base = index << INDEX_SHIFT
+        return base | min(nodes[0], INNER_MASK), base | min(nodes[1], INNER_MASK)
+
     def constant_replies(self, node: NodeId) -> bool:
         index, inner = _split(node)
         fs = self.mounted(index)  # pseudo directories change as mounts come and go

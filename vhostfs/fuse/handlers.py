@@ -193,6 +193,16 @@ async def _link(ops: Operations, call: Call) -> Reply:
     return abi.pack_entry_out(await ops.link(NodeId(old_node), call.node, name, call.ctx))
 
 
+def _offer_idle(ops: Operations, call: Call, opcode: Opcode) -> None:
+    """FLUSH or RELEASE had nothing to do, and the file system says so for a whole range of
+    nodes: let the transport answer those itself."""
+    direct = call.req.direct
+    if direct is not None and direct.enabled:
+        nodes = ops.idle_range(call.node)
+        if nodes is not None:
+            direct.add_empty_range(opcode, len(call.args), *nodes)
+
+
 async def _open(ops: Operations, call: Call) -> Reply:
     flags, _ = abi.OPEN_IN.unpack_from(call.args)
     out = await ops.open(call.node, flags, call.ctx)
@@ -265,7 +275,7 @@ async def _release(ops: Operations, call: Call) -> Reply:
     if direct is not None:
         direct.drop(call.node, fh)  # before the file system closes the fd behind it
     await ops.release(call.node, FileHandle(fh), flags)
-    _offer_constant(ops, call, Opcode.RELEASE, b"")
+    _offer_idle(ops, call, Opcode.RELEASE)
     return b""
 
 
@@ -309,7 +319,7 @@ async def _removexattr(ops: Operations, call: Call) -> Reply:
 async def _flush(ops: Operations, call: Call) -> Reply:
     fh, _, _, lock_owner = abi.FLUSH_IN.unpack_from(call.args)
     await ops.flush(call.node, FileHandle(fh), lock_owner)
-    _offer_constant(ops, call, Opcode.FLUSH, b"")
+    _offer_idle(ops, call, Opcode.FLUSH)
     return b""
 
 

@@ -340,6 +340,12 @@ class Operations:
         data sits in a host file, so the transport can copy it without passing through Python."""
         raise _unsupported()
 
+    def idle_range(self, node: NodeId) -> tuple[int, int] | None:
+        """The node ids (lo, hi, both included) around node for which FLUSH and RELEASE have
+        nothing to do, whatever the handle, for as long as they are mounted: the transport may
+        answer those itself. None by default."""
+        return None
+
     def constant_replies(self, node: NodeId) -> bool:
         """Whether GETATTR, OPEN (with the same access flags), FLUSH and RELEASE of node always
         get the reply they got once, whatever the handle, for as long as the node is mounted;

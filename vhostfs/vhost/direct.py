@@ -102,6 +102,11 @@ class DirectReads:
         )
         return added == 0
 
+    def add_empty_range(self, opcode: int, args_len: int, lo: int, hi: int) -> bool:
+        """Requests of opcode for any node in lo..hi, with args_len bytes of in-args, get an
+        empty reply from now on. False if refused (no free range, a bad opcode or range)."""
+        return lib.vq_const_add_range(self.consts, opcode, args_len, lo, hi) == 0
+
     def constant_hits(self) -> dict[int, int]:
         """Requests answered with constant replies so far, by opcode."""
         return {op: int(n) for op, n in enumerate(self.consts.hits) if n}
