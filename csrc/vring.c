@@ -812,6 +812,27 @@ int64_t vq_iov_pwritev(int fd, const struct vq_iov *iov, uint32_t n, size_t offs
 #define FUSE_IN_HEADER_LEN 40
 #define FUSE_READ_IN_LEN 40
 
+/* The fuse_in_header fields the shortcuts look at, from a request copied whole into req. */
+struct in_header {
+    uint32_t len;
+    uint32_t opcode;
+    uint64_t unique;
+    uint64_t nodeid;
+    uint16_t extlen;
+};
+
+static int whole_request(const struct vq_chain *chain, struct in_header *h)
+{
+    if (chain->req_len < FUSE_IN_HEADER_LEN || chain->req_len != chain->read_len)
+        return 0;
+    memcpy(&h->len, chain->req, 4);
+    memcpy(&h->opcode, chain->req + 4, 4);
+    memcpy(&h->unique, chain->req + 8, 8);
+    memcpy(&h->nodeid, chain->req + 16, 8);
+    memcpy(&h->extlen, chain->req + 36, 2);
+    return h->len == chain->read_len && h->extlen == 0;
+}
+
 static struct vq_direct_entry *direct_slot(struct vq_direct *d, uint64_t nodeid, uint64_t fh,
                                            uint64_t window)
 {
@@ -856,23 +877,17 @@ void vq_direct_clear(struct vq_direct *d)
 /* 1 and the chain answered; 0: not ours (the caller gets the chain); VQ_ERR_* from the push. */
 static int direct_answer(struct vq_ring *ring, const struct vq_chain *chain, struct vq_direct *d)
 {
-    if (chain->read_len != FUSE_IN_HEADER_LEN + FUSE_READ_IN_LEN ||
-        chain->req_len < FUSE_IN_HEADER_LEN + FUSE_READ_IN_LEN)
+    struct in_header h;
+    if (chain->read_len != FUSE_IN_HEADER_LEN + FUSE_READ_IN_LEN || !whole_request(chain, &h) ||
+        h.opcode != FUSE_READ_OPCODE)
         return 0;
-    const uint8_t *req = chain->req;
-    uint32_t len, opcode, size;
-    uint64_t unique, nodeid, fh;
+    uint64_t unique = h.unique, nodeid = h.nodeid, fh;
     int64_t offset;
-    uint16_t extlen;
-    memcpy(&len, req, 4);
-    memcpy(&opcode, req + 4, 4);
-    memcpy(&unique, req + 8, 8);
-    memcpy(&nodeid, req + 16, 8);
-    memcpy(&extlen, req + 36, 2);
-    memcpy(&fh, req + 40, 8);
-    memcpy(&offset, req + 48, 8);
-    memcpy(&size, req + 56, 4);
-    if (opcode != FUSE_READ_OPCODE || len != chain->read_len || extlen != 0 || offset < 0)
+    uint32_t size;
+    memcpy(&fh, chain->req + 40, 8);
+    memcpy(&offset, chain->req + 48, 8);
+    memcpy(&size, chain->req + 56, 4);
+    if (offset < 0)
         return 0;
     uint64_t window = (uint64_t)offset >> VQ_DIRECT_WINDOW_SHIFT;
     struct vq_direct_entry *e = direct_slot(d, nodeid, fh, window);
@@ -993,19 +1008,11 @@ static int in_empty_range(const struct vq_const *c, uint32_t opcode, uint64_t no
 /* As direct_answer, for the constant replies. */
 static int const_answer(struct vq_ring *ring, const struct vq_chain *chain, struct vq_const *c)
 {
-    if (chain->req_len < FUSE_IN_HEADER_LEN || chain->req_len != chain->read_len)
+    struct in_header h;
+    if (!whole_request(chain, &h) || h.opcode == 0 || h.opcode >= VQ_CONST_OPCODES)
         return 0;
-    const uint8_t *req = chain->req;
-    uint32_t len, opcode, arg = 0;
-    uint64_t unique, nodeid;
-    uint16_t extlen;
-    memcpy(&len, req, 4);
-    memcpy(&opcode, req + 4, 4);
-    memcpy(&unique, req + 8, 8);
-    memcpy(&nodeid, req + 16, 8);
-    memcpy(&extlen, req + 36, 2);
-    if (opcode == 0 || opcode >= VQ_CONST_OPCODES || len != chain->read_len || extlen != 0)
-        return 0;
+    uint32_t len = h.len, opcode = h.opcode, arg = 0;
+    uint64_t unique = h.unique, nodeid = h.nodeid;
     struct vq_const_entry *e = const_slot(c, nodeid, opcode);
     if (e->opcode != opcode || e->nodeid != nodeid) {
         if (chain->write_len < 16 || !in_empty_range(c, opcode, nodeid, len - FUSE_IN_HEADER_LEN))
@@ -1020,7 +1027,7 @@ static int const_answer(struct vq_ring *ring, const struct vq_chain *chain, stru
     if (len != FUSE_IN_HEADER_LEN + e->args_len || chain->write_len < 16 + e->len)
         return 0;
     if (e->arg_mask) {
-        memcpy(&arg, req + FUSE_IN_HEADER_LEN, 4);
+        memcpy(&arg, chain->req + FUSE_IN_HEADER_LEN, 4);
         if ((arg & e->arg_mask) != e->arg_value)
             return 0;
     }
