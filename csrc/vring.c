@@ -925,7 +925,6 @@ static int direct_answer(struct vq_ring *ring, const struct vq_chain *chain, str
     uint64_t ns = (uint64_t)(t1.tv_sec - t0.tv_sec) * 1000000000u + (uint64_t)t1.tv_nsec -
                   (uint64_t)t0.tv_nsec;
     d->hits++;
-    d->bytes += (uint64_t)got;
     struct vq_direct_account *a = &d->accounts[e->tag];
     uint32_t size_class = 0, latency_class = 0;
     while (size_class < VQ_DIRECT_CLASSES - 1 && d->size_bounds[size_class] <= (uint64_t)got)

@@ -242,8 +242,7 @@ struct vq_direct_account {
 struct vq_direct {
     uint32_t enabled;             /* [py] 0: every request goes to Python */
     uint32_t pad;
-    uint64_t hits;                /* READs answered here */
-    uint64_t bytes;               /* file bytes they carried */
+    uint64_t hits;                /* READs answered here (bytes and classes: accounts) */
     uint64_t size_bounds[VQ_DIRECT_CLASSES - 1];       /* [py] ascending */
     uint64_t latency_bounds_ns[VQ_DIRECT_CLASSES - 1]; /* [py] ascending */
     struct vq_direct_account accounts[VQ_DIRECT_TAGS]; /* [py] may zero them */

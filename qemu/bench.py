@@ -64,7 +64,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -416,8 +416,8 @@ def _rafs_mount_config(img: Image, cache: Path, digest_validate: bool) -> str:
 def kata_daemon(
     tmp: Path,
     log_path: Path,
-    at_start: list[tuple[str, dict[str, str]]],
-    after_init: list[tuple[str, dict[str, str]]] = [],  # noqa: B006 (never mutated)
+    at_start: Sequence[tuple[str, dict[str, str]]],
+    after_init: Sequence[tuple[str, dict[str, str]]] = (),
 ) -> Iterator[Path]:
     """`vhostfs virtiofs` started and filled as Kata Go fills nydusd, through the API's POST
     /api/v1/mount: `at_start` before the guest boots (the sandbox's shared directory), and
@@ -431,7 +431,7 @@ def kata_daemon(
         transport = httpx.HTTPTransport(uds=str(apisock))
         api = httpx.Client(transport=transport, base_url="http://unix", timeout=30)
 
-        def mount(mounts: list[tuple[str, dict[str, str]]]) -> None:
+        def mount(mounts: Sequence[tuple[str, dict[str, str]]]) -> None:
             for mountpoint, body in mounts:
                 reply = api.post("/api/v1/mount", params={"mountpoint": mountpoint}, json=body)
                 if reply.status_code != 204:

@@ -101,7 +101,6 @@ class VqDirect(CData):
     enabled: int
     pad: int
     hits: int
-    bytes: int
     size_bounds: _Counts
     latency_bounds_ns: _Counts
     accounts: _Accounts

@@ -114,7 +114,3 @@ class DirectReads:
     @property
     def hits(self) -> int:
         return int(self.table.hits)
-
-    @property
-    def bytes(self) -> int:
-        return int(self.table.bytes)
