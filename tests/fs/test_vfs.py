@@ -303,3 +303,19 @@ def test_a_mount_added_after_init_lists_without_handles(tmp_path: Path) -> None:
         assert guest.names(node) == [b".", b"..", b"x"]
     finally:
         late.close()
+
+
+def test_flags_a_mount_adds_are_on_for_the_session(tmp_path: Path) -> None:
+    """The passthrough's writeback cache and killpriv_v2 are not in the dispatcher's offer;
+    they must survive the pseudo root, as they do for the passthrough alone."""
+    vfs = Vfs()
+    (tmp_path / "containers").mkdir()
+    containers = Passthrough(tmp_path / "containers", writeback=True)
+    asyncio.run(vfs.mount("/containers", containers))
+    try:
+        flags = Guest(vfs).init.flags
+        added = fc.WRITEBACK_CACHE | fc.HANDLE_KILLPRIV_V2 | fc.SETXATTR_EXT
+        assert flags & added == added
+        assert flags & fc.NO_OPENDIR_SUPPORT
+    finally:
+        containers.close()

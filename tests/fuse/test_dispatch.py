@@ -6,6 +6,7 @@ import os
 import stat
 import struct
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from tests.support import fuse_client as fc
 from vhostfs.fuse import (
     Attr,
     AttrOut,
+    ConnInfo,
     DirEntry,
     Dispatcher,
     EntryOut,
@@ -101,7 +103,10 @@ class TreeFs(Operations):
         self.calls.append(("create", parent, name, mode, flags, umask))
         return self._entry(NodeId(60)), OpenOut(FileHandle(61), 2)
 
-    async def open(self, node: NodeId, flags: int, ctx: RequestContext) -> OpenOut:
+    async def open(
+        self, node: NodeId, flags: int, ctx: RequestContext, *, kill_suidgid: bool = False
+    ) -> OpenOut:
+        self.calls.append(("open", node, flags, kill_suidgid))
         return OpenOut(FileHandle(node * 10), 1)
 
     async def read(
@@ -617,3 +622,69 @@ def test_requests_are_counted_by_opcode_name(d: Dispatcher) -> None:
     after = d.opcode_counts()
     assert after["GETATTR"] - before.get("GETATTR", 0) == 2
     assert after["4000"] == 1
+
+
+# Requests whose layout or meaning depends on the session's flags.
+
+
+class KillprivFs(Operations):
+    """Asks for SETXATTR_EXT and HANDLE_KILLPRIV_V2 (unless told not to) and records what
+    setxattr and open receive."""
+
+    def __init__(self, extra_flags: int) -> None:
+        self.extra_flags = extra_flags
+        self.calls: list[tuple[object, ...]] = []
+
+    async def init(self, conn: ConnInfo) -> ConnInfo:
+        return replace(conn, flags=conn.flags | self.extra_flags)
+
+    async def setxattr(
+        self,
+        node: NodeId,
+        name: bytes,
+        value: bytes,
+        flags: int,
+        ctx: RequestContext,
+        *,
+        kill_sgid: bool = False,
+    ) -> None:
+        self.calls.append(("setxattr", name, value, flags, kill_sgid))
+
+    async def open(
+        self, node: NodeId, flags: int, ctx: RequestContext, *, kill_suidgid: bool = False
+    ) -> OpenOut:
+        self.calls.append(("open", flags, kill_suidgid))
+        return OpenOut(FileHandle(1), 0)
+
+
+def test_setxattr_in_grows_to_16_bytes_under_setxattr_ext() -> None:
+    fs = KillprivFs(fc.SETXATTR_EXT)
+    d = Dispatcher(fs)
+    assert fc.handshake(d.handle).flags & fc.SETXATTR_EXT
+    extended = fc.setxattr(2, b"system.posix_acl_access", b"acl", 1, setxattr_flags=1)
+    assert fc.exchange(d.handle, extended).error == 0
+    assert fc.exchange(d.handle, fc.setxattr(2, b"user.a", b"v", setxattr_flags=0)).error == 0
+    # The old 8-byte form in such a session: setxattr_flags and pad would be read from the name.
+    assert fc.exchange(d.handle, fc.request(fc.SETXATTR, 2, b"\0" * 12)).error == errno.EINVAL
+    assert fs.calls == [
+        ("setxattr", b"system.posix_acl_access", b"acl", 1, True),
+        ("setxattr", b"user.a", b"v", 0, False),
+    ]
+
+
+def test_setxattr_in_stays_8_bytes_without_setxattr_ext() -> None:
+    fs = KillprivFs(0)
+    d = Dispatcher(fs)
+    assert not fc.handshake(d.handle).flags & fc.SETXATTR_EXT
+    assert fc.exchange(d.handle, fc.setxattr(2, b"user.a", b"v", 2)).error == 0
+    assert fs.calls == [("setxattr", b"user.a", b"v", 2, False)]
+
+
+def test_open_passes_kill_suidgid_from_open_flags() -> None:
+    fs = KillprivFs(fc.HANDLE_KILLPRIV_V2)
+    d = Dispatcher(fs)
+    assert fc.handshake(d.handle).flags & fc.HANDLE_KILLPRIV_V2
+    trunc = os.O_WRONLY | os.O_TRUNC
+    assert fc.exchange(d.handle, fc.open_(2, trunc, open_flags=1)).error == 0
+    assert fc.exchange(d.handle, fc.open_(2, os.O_RDONLY)).error == 0
+    assert fs.calls == [("open", trunc, True), ("open", os.O_RDONLY, False)]

@@ -84,6 +84,8 @@ MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 NO_OPENDIR_SUPPORT = 1 << 24
 MAP_ALIGNMENT = 1 << 26
+HANDLE_KILLPRIV_V2 = 1 << 28
+SETXATTR_EXT = 1 << 29
 INIT_EXT = 1 << 30
 SECURITY_CTX = 1 << 32
 HAS_INODE_DAX = 1 << 33
@@ -230,8 +232,9 @@ def link(node: int, new_parent: int, new_name: bytes) -> bytes:
     return request(LINK, new_parent, struct.pack("<Q", node) + _z(new_name))
 
 
-def open_(node: int, flags: int = os.O_RDONLY, **kw: Any) -> bytes:
-    return request(OPEN, node, struct.pack("<II", flags, 0), **kw)
+def open_(node: int, flags: int = os.O_RDONLY, *, open_flags: int = 0, **kw: Any) -> bytes:
+    """open_flags: fuse_open_in's own (bit 0, KILL_SUIDGID, under killpriv_v2)."""
+    return request(OPEN, node, struct.pack("<II", flags, open_flags), **kw)
 
 
 def opendir(node: int, flags: int = os.O_RDONLY | os.O_DIRECTORY) -> bytes:
@@ -293,8 +296,14 @@ def fsyncdir(node: int, fh: int) -> bytes:
     return request(FSYNCDIR, node, struct.pack("<QII", fh, 0, 0))
 
 
-def setxattr(node: int, name: bytes, value: bytes, flags: int = 0) -> bytes:
-    return request(SETXATTR, node, struct.pack("<II", len(value), flags) + _z(name) + value)
+def setxattr(
+    node: int, name: bytes, value: bytes, flags: int = 0, *, setxattr_flags: int | None = None
+) -> bytes:
+    """The 8-byte setxattr_in, or with setxattr_flags the 16-byte one of SETXATTR_EXT."""
+    head = struct.pack("<II", len(value), flags)
+    if setxattr_flags is not None:
+        head += struct.pack("<II", setxattr_flags, 0)
+    return request(SETXATTR, node, head + _z(name) + value)
 
 
 def getxattr(node: int, name: bytes, size: int) -> bytes:

@@ -51,6 +51,15 @@ class Guest:
     def errno_of(self, raw: bytes) -> int:
         return self.send(raw).error
 
+    def setxattr(
+        self, node: int, name: bytes, value: bytes, flags: int = 0, setxattr_flags: int = 0
+    ) -> bytes:
+        """SETXATTR as the kernel sends it in this session (16 bytes under SETXATTR_EXT)."""
+        extended = self.init.flags & fc.SETXATTR_EXT
+        return fc.setxattr(
+            node, name, value, flags, setxattr_flags=setxattr_flags if extended else None
+        )
+
     def lookup(self, parent: int, name: bytes) -> fc.EntryOut:
         return fc.parse_entry_out(self.send(fc.lookup(parent, name)).payload)
 

@@ -51,6 +51,13 @@ from vhostfs.daemon.process import raise_nofile_limit
     help="Serve extended attributes (user.*, trusted.*, security.* as far as privileges go).",
 )
 @click.option(
+    "--killpriv-v2/--no-killpriv-v2",
+    default=True,
+    show_default=True,
+    help="Clear set-id bits on write, truncate and chown in the daemon (FUSE killpriv_v2), "
+    "rather than have the guest send the chmod.",
+)
+@click.option(
     "--allow-devices",
     is_flag=True,
     help="Let the guest create block and char devices in --shared-dir (whiteouts always).",
@@ -129,6 +136,7 @@ def serve(
     readonly: bool,
     writeback: bool,
     xattr: bool,
+    killpriv_v2: bool,
     allow_devices: bool,
     rlimit_nofile: int,
     bootstrap: str | None,
@@ -162,6 +170,7 @@ def serve(
             xattr=xattr,
             writeback=writeback,
             allow_devices=allow_devices,
+            killpriv_v2=killpriv_v2,
             workers=max(1, thread_pool_size or 4),
         )
         if not readonly:

@@ -26,6 +26,7 @@ class PassthroughMountConfig:
     xattr: bool = True
     writeback: bool = False  # the guest's page cache holds writes (FUSE writeback cache)
     allow_devices: bool = False  # let the guest create block and char devices (not whiteouts)
+    killpriv_v2: bool = True  # the daemon clears set-id bits on write/truncate/chown (nydusd's)
     workers: int = 4  # threads for blocking work (fsync, big writes, fallocate, copies)
 
 

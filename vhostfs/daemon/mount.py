@@ -86,6 +86,7 @@ class PassthroughMount(Mount):
                 xattr=config.xattr,
                 writeback=config.writeback,
                 allow_devices=config.allow_devices,
+                killpriv_v2=config.killpriv_v2,
                 workers=config.workers,
             )
         except OSError as e:

@@ -251,7 +251,9 @@ class RafsFs(ReadOnlyOperations):
 
     # Files ---------------------------------------------------------------------------------------
 
-    async def open(self, node: NodeId, flags: int, ctx: RequestContext) -> OpenOut:
+    async def open(
+        self, node: NodeId, flags: int, ctx: RequestContext, *, kill_suidgid: bool = False
+    ) -> OpenOut:
         mode = self._attr(self._ino(node)).mode
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise FuseError(errno.EROFS)

@@ -124,7 +124,14 @@ class ReadOnlyOperations(Operations):
         raise _read_only()
 
     async def setxattr(
-        self, node: NodeId, name: bytes, value: bytes, flags: int, ctx: RequestContext
+        self,
+        node: NodeId,
+        name: bytes,
+        value: bytes,
+        flags: int,
+        ctx: RequestContext,
+        *,
+        kill_sgid: bool = False,
     ) -> None:
         raise _read_only()
 

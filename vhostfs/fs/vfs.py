@@ -155,12 +155,19 @@ class Vfs(Operations):
     # --- Session ---------------------------------------------------------------------------
 
     async def init(self, conn: ConnInfo) -> ConnInfo:
-        # What the pseudo tree itself wants: it lists without handles.
-        negotiated = replace(conn, flags=conn.flags | InitFlag.NO_OPENDIR_SUPPORT)
+        # A feature offered stays on only if every mount keeps it; one a mount adds (the
+        # passthrough's writeback cache or killpriv_v2) is on for the session, which the
+        # read-only mounts never notice. NO_OPENDIR_SUPPORT, which the pseudo tree itself
+        # wants, changes how every mount reads directories, so every mount must ask for it.
+        removed = added = 0
+        every = InitFlag.NO_OPENDIR_SUPPORT
         for fs in self._mounted():
-            wanted = await fs.init(conn)
-            # A feature stays on only if every mount keeps it.
-            negotiated = replace(negotiated, flags=negotiated.flags & wanted.flags)
+            wanted = (await fs.init(conn)).flags
+            removed |= conn.flags & ~wanted
+            added |= wanted & ~conn.flags
+            every &= wanted
+        flags = (conn.flags & ~removed) | (added & ~InitFlag.NO_OPENDIR_SUPPORT) | every
+        negotiated = replace(conn, flags=flags)
         self._conn = negotiated
         self._no_opendir = bool(
             granted(conn.kernel_flags, negotiated.flags) & InitFlag.NO_OPENDIR_SUPPORT
@@ -313,9 +320,12 @@ class Vfs(Operations):
 
     # --- Files -----------------------------------------------------------------------------
 
-    async def open(self, node: NodeId, flags: int, ctx: RequestContext) -> OpenOut:
+    async def open(
+        self, node: NodeId, flags: int, ctx: RequestContext, *, kill_suidgid: bool = False
+    ) -> OpenOut:
         index, inner = self._in_mount(node, errno.EISDIR)
-        return await self._fs(index).open(NodeId(inner), flags, ctx)
+        fs = self._fs(index)
+        return await fs.open(NodeId(inner), flags, ctx, kill_suidgid=kill_suidgid)
 
     async def create(
         self, parent: NodeId, name: bytes, mode: int, flags: int, umask: int, ctx: RequestContext
@@ -481,10 +491,20 @@ class Vfs(Operations):
             raise
 
     async def setxattr(
-        self, node: NodeId, name: bytes, value: bytes, flags: int, ctx: RequestContext
+        self,
+        node: NodeId,
+        name: bytes,
+        value: bytes,
+        flags: int,
+        ctx: RequestContext,
+        *,
+        kill_sgid: bool = False,
     ) -> None:
         index, inner = self._in_mount(node)
-        await self._local(self._fs(index).setxattr(NodeId(inner), name, value, flags, ctx))
+        fs = self._fs(index)
+        await self._local(
+            fs.setxattr(NodeId(inner), name, value, flags, ctx, kill_sgid=kill_sgid)
+        )
 
     async def removexattr(self, node: NodeId, name: bytes, ctx: RequestContext) -> None:
         index, inner = self._in_mount(node)

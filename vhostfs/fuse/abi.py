@@ -184,7 +184,12 @@ WRITE_IN: Final = struct.Struct("<QQIIQII")  # 40: fh offset size write_flags lo
 RELEASE_IN: Final = struct.Struct("<QIIQ")  # 24: fh flags release_flags lock_owner
 FLUSH_IN: Final = struct.Struct("<QIIQ")  # 24: fh unused pad lock_owner
 FSYNC_IN: Final = struct.Struct("<QII")  # 16: fh fsync_flags pad
-SETXATTR_IN: Final = struct.Struct("<II")  # 8: size flags (16 with SETXATTR_EXT, never offered)
+SETXATTR_IN: Final = struct.Struct("<II")  # 8: size flags
+# 16 under SETXATTR_EXT: size flags setxattr_flags pad
+SETXATTR_IN_EXT: Final = struct.Struct("<IIII")
+SETXATTR_ACL_KILL_SGID: Final = 1 << 0  # setxattr_flags: the caller may not keep S_ISGID
+# open_in.open_flags under killpriv_v2: an O_TRUNC open by an unprivileged caller
+OPEN_KILL_SUIDGID: Final = 1 << 0
 GETXATTR_IN: Final = struct.Struct("<II")  # 8: size pad
 ACCESS_IN: Final = struct.Struct("<II")  # 8: mask pad
 INTERRUPT_IN: Final = struct.Struct("<Q")  # 8: unique

@@ -34,6 +34,7 @@ class Call:
     payload_len: int  # WRITE only: bytes after write_in
     room: int  # reply payload bytes that fit after fuse_out_header
     max_write: int
+    session_flags: int  # the INIT flags the session runs with
 
 
 Handler: TypeAlias = Callable[[Operations, Call], Coroutine[Any, Any, Reply]]

@@ -231,7 +231,7 @@ class Dispatcher:
         ctx = self._contexts.get((uid, gid, pid))
         if ctx is None:
             ctx = self._context(uid, gid, pid)
-        call = Call(req, node, ctx, args, payload_len, room, conn.max_write)
+        call = Call(req, node, ctx, args, payload_len, room, conn.max_write, conn.flags)
         return opcode, unique, spec.handler(self._ops, call)
 
     def _decode_session(self, req: GuestRequest, opcode: int, args_len: int) -> _Work | int:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from vhostfs.fuse import abi
-from vhostfs.fuse.abi import Opcode, SetattrValid
+from vhostfs.fuse.abi import InitFlag, Opcode, SetattrValid
 from vhostfs.fuse.call import (
     NO_REPLY,
     Call,
@@ -204,8 +204,9 @@ def _offer_idle(ops: Operations, call: Call, opcode: Opcode) -> None:
 
 
 async def _open(ops: Operations, call: Call) -> Reply:
-    flags, _ = abi.OPEN_IN.unpack_from(call.args)
-    out = await ops.open(call.node, flags, call.ctx)
+    flags, open_flags = abi.OPEN_IN.unpack_from(call.args)
+    kill_suidgid = bool(open_flags & abi.OPEN_KILL_SUIDGID)
+    out = await ops.open(call.node, flags, call.ctx, kill_suidgid=kill_suidgid)
     reply = abi.OPEN_OUT.pack(out.fh, out.flags, 0)
     _offer_constant(ops, call, Opcode.OPEN, reply, _OPEN_FLAGS_THAT_MATTER)
     return reply
@@ -286,14 +287,23 @@ async def _fsync(ops: Operations, call: Call) -> Reply:
 
 
 async def _setxattr(ops: Operations, call: Call) -> Reply:
-    size, flags = abi.SETXATTR_IN.unpack_from(call.args)
+    setxattr_flags = 0
+    if call.session_flags & InitFlag.SETXATTR_EXT:
+        if len(call.args) < abi.SETXATTR_IN_EXT.size:
+            raise FuseError(errno.EINVAL)
+        size, flags, setxattr_flags, _ = abi.SETXATTR_IN_EXT.unpack_from(call.args)
+        name_at = abi.SETXATTR_IN_EXT.size
+    else:
+        size, flags = abi.SETXATTR_IN.unpack_from(call.args)
+        name_at = abi.SETXATTR_IN.size
     if size > abi.XATTR_SIZE_MAX:
         raise FuseError(errno.E2BIG)
-    name, after = xattr_name_arg(call.args, abi.SETXATTR_IN.size)
+    name, after = xattr_name_arg(call.args, name_at)
     if after + size > len(call.args):
         raise FuseError(errno.EINVAL)
     value = call.args[after : after + size].tobytes()
-    await ops.setxattr(call.node, name, value, flags, call.ctx)
+    kill_sgid = bool(setxattr_flags & abi.SETXATTR_ACL_KILL_SGID)
+    await ops.setxattr(call.node, name, value, flags, call.ctx, kill_sgid=kill_sgid)
     return b""
 
 

@@ -53,6 +53,8 @@ ALLOWED: Final = (
     | InitFlag.SUBMOUNTS
     | InitFlag.NO_OPENDIR_SUPPORT
     | InitFlag.WRITEBACK_CACHE  # the writable passthrough's --writeback
+    | InitFlag.HANDLE_KILLPRIV_V2  # the writable passthrough clears set-id bits itself
+    | InitFlag.SETXATTR_EXT  # setxattr_in grows to 16 bytes (the handler reads both)
 )
 _LOW32: Final = 0xFFFF_FFFF
 

@@ -311,8 +311,12 @@ class Operations:
 
     # Files.
 
-    async def open(self, node: NodeId, flags: int, ctx: RequestContext) -> OpenOut:
-        """Open a regular file; flags are the guest's open(2) flags without O_CREAT/O_EXCL."""
+    async def open(
+        self, node: NodeId, flags: int, ctx: RequestContext, *, kill_suidgid: bool = False
+    ) -> OpenOut:
+        """Open a regular file; flags are the guest's open(2) flags without O_CREAT/O_EXCL.
+        kill_suidgid (killpriv_v2): an O_TRUNC open by a caller the guest kernel would not let
+        keep set-id bits, which the file system clears as that truncate would."""
         raise _unsupported()
 
     async def create(
@@ -441,8 +445,17 @@ class Operations:
         raise _unsupported()
 
     async def setxattr(
-        self, node: NodeId, name: bytes, value: bytes, flags: int, ctx: RequestContext
+        self,
+        node: NodeId,
+        name: bytes,
+        value: bytes,
+        flags: int,
+        ctx: RequestContext,
+        *,
+        kill_sgid: bool = False,
     ) -> None:
+        """flags are XATTR_CREATE/XATTR_REPLACE. kill_sgid (SETXATTR_EXT's ACL_KILL_SGID): the
+        caller sets an ACL but may not keep the file's S_ISGID, which must go with it."""
         raise _unsupported()
 
     async def removexattr(self, node: NodeId, name: bytes, ctx: RequestContext) -> None:

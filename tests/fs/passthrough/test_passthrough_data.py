@@ -13,6 +13,7 @@ import pytest
 
 from tests.support import fuse_client as fc
 from tests.support.passthrough_guest import ROOT, Guest
+from vhostfs.fs import Passthrough
 from vhostfs.fs.passthrough.handles import Handles
 from vhostfs.fuse.abi import SetattrValid as V
 from vhostfs.fuse.ops import FuseError, NodeId
@@ -95,6 +96,49 @@ def test_write_kill_suidgid(w: Guest, tree: Path, mode: int, after: int) -> None
     assert w.send(killing).error == 0
     assert stat.S_IMODE(path.stat().st_mode) == after  # S_ISGID stays unless group-exec
     assert CAP not in os.listxattr(path)
+
+
+def test_killpriv_v2_and_setxattr_ext_are_negotiated_unless_off(tree: Path) -> None:
+    asked = fc.HANDLE_KILLPRIV_V2 | fc.SETXATTR_EXT
+    cases = [((False, True), asked), ((False, False), fc.SETXATTR_EXT), ((True, True), 0)]
+    for (readonly, killpriv_v2), flags in cases:
+        fs = Passthrough(tree, readonly=readonly, killpriv_v2=killpriv_v2)
+        try:
+            assert Guest(fs).init.flags & asked == flags, (readonly, killpriv_v2)
+        finally:
+            fs.close()
+
+
+@pytest.mark.parametrize(("kill", "after"), [(True, 0o0755), (False, 0o6755)])
+def test_truncating_open_kills_suidgid_when_flagged(
+    w: Guest, tree: Path, kill: bool, after: int
+) -> None:
+    path = tree / "setid"
+    path.write_bytes(b"data")
+    path.chmod(0o6755)
+    node = w.walk(b"setid")
+    flags = os.O_WRONLY | os.O_TRUNC
+    opened = w.send(fc.open_(node, flags, open_flags=int(kill), uid=1000, gid=1000))
+    assert opened.error == 0
+    assert path.read_bytes() == b"" and stat.S_IMODE(path.stat().st_mode) == after
+    # Without O_TRUNC the flag changes nothing: writes carry their own.
+    path.chmod(0o6755)
+    assert w.send(fc.open_(node, os.O_WRONLY, open_flags=1, uid=1000, gid=1000)).error == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o6755
+
+
+def test_acl_kill_sgid_clears_only_s_isgid(w: Guest, tree: Path) -> None:
+    path = tree / "shared"
+    path.write_bytes(b"")
+    path.chmod(0o6775)
+    node = w.walk(b"shared")
+    assert w.init.flags & fc.SETXATTR_EXT
+    assert w.send(w.setxattr(node, b"user.acl", b"1", setxattr_flags=1)).error == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o4775
+    assert os.getxattr(path, "user.acl") == b"1"
+    path.chmod(0o2775)
+    assert w.send(w.setxattr(node, b"user.acl", b"2")).error == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o2775
 
 
 def test_setattr_mode_owner_size_times(w: Guest, tree: Path) -> None:

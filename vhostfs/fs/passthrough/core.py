@@ -113,7 +113,9 @@ class PassthroughCore(Operations):
     root is opened once here (following symlinks in the operator's path); close() releases
     every descriptor and the worker threads. xattr=False answers ENOSYS to xattr requests;
     readdirplus=False keeps the guest on plain READDIR; readonly=True answers EROFS to every
-    change; writeback=True lets the guest's page cache hold writes (FUSE writeback cache)."""
+    change; writeback=True lets the guest's page cache hold writes (FUSE writeback cache);
+    killpriv_v2=True leaves clearing set-id bits on write, truncate and chown to the daemon
+    (HANDLE_KILLPRIV_V2, as nydusd), instead of the guest sending the chmod itself."""
 
     def __init__(
         self,
@@ -125,6 +127,7 @@ class PassthroughCore(Operations):
         readonly: bool = False,
         writeback: bool = False,
         allow_devices: bool = False,
+        killpriv_v2: bool = True,
         workers: int = 4,
     ) -> None:
         if cache not in _TIMEOUTS:
@@ -136,6 +139,7 @@ class PassthroughCore(Operations):
         self.readonly = readonly
         self.writeback = writeback and not readonly
         self.allow_devices = allow_devices
+        self.killpriv_v2 = killpriv_v2 and not readonly
         self.switch_creds = not readonly and creds.can_switch()
         if self.switch_creds:
             creds.drop_supplementary_groups()
@@ -193,6 +197,10 @@ class PassthroughCore(Operations):
             flags |= InitFlag.CACHE_SYMLINKS
         if self.writeback:
             flags |= InitFlag.WRITEBACK_CACHE
+        if self.killpriv_v2:
+            flags |= InitFlag.HANDLE_KILLPRIV_V2
+        if self.xattr and not self.readonly:
+            flags |= InitFlag.SETXATTR_EXT  # ACL_KILL_SGID reaches setxattr
         if self.cache != "never":
             flags |= InitFlag.NO_OPENDIR_SUPPORT
         self.no_opendir = bool(granted(conn.kernel_flags, flags) & InitFlag.NO_OPENDIR_SUPPORT)
@@ -292,7 +300,9 @@ class PassthroughCore(Operations):
 
     # Files.
 
-    async def open(self, node: NodeId, flags: int, ctx: RequestContext) -> OpenOut:
+    async def open(
+        self, node: NodeId, flags: int, ctx: RequestContext, *, kill_suidgid: bool = False
+    ) -> OpenOut:
         inode = self.inodes.get(node)
         access = flags & os.O_ACCMODE
         if access not in (os.O_RDONLY, os.O_WRONLY, os.O_RDWR):

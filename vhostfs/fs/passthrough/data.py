@@ -35,6 +35,7 @@ from vhostfs.fuse.ops import (
     FileHandle,
     FuseError,
     NodeId,
+    OpenOut,
     RequestContext,
     SetattrChanges,
     WriteData,
@@ -114,6 +115,15 @@ class DataOps(PassthroughCore):
         )
 
     # Data.
+
+    async def open(
+        self, node: NodeId, flags: int, ctx: RequestContext, *, kill_suidgid: bool = False
+    ) -> OpenOut:
+        opened = await super().open(node, flags, ctx)
+        if kill_suidgid and flags & os.O_TRUNC:
+            # The host truncated as root, who keeps set-id bits; the guest's caller may not.
+            kill_privileges(self.inodes.get(node))
+        return opened
 
     async def write(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from typing import Final
 
 from vhostfs.fs.passthrough.core import PassthroughCore, proc_path
@@ -20,13 +21,26 @@ _XATTR_FLAGS: Final = os.XATTR_CREATE | os.XATTR_REPLACE
 
 class XattrOps(PassthroughCore):
     async def setxattr(
-        self, node: NodeId, name: bytes, value: bytes, flags: int, ctx: RequestContext
+        self,
+        node: NodeId,
+        name: bytes,
+        value: bytes,
+        flags: int,
+        ctx: RequestContext,
+        *,
+        kill_sgid: bool = False,
     ) -> None:
         self.check_xattr()
         self.check_writable()
         if flags & ~_XATTR_FLAGS or b"\0" in name:
             raise FuseError(errno.EINVAL)
-        os.setxattr(proc_path(self.inodes.get(node).fd), name, value, flags)
+        inode = self.inodes.get(node)
+        os.setxattr(proc_path(inode.fd), name, value, flags)
+        if kill_sgid:
+            # The host set the ACL as root, who keeps S_ISGID; the guest's caller may not.
+            mode = os.fstat(inode.fd).st_mode
+            if mode & stat.S_ISGID and not stat.S_ISLNK(mode):
+                os.chmod(proc_path(inode.fd), stat.S_IMODE(mode) & ~stat.S_ISGID)
 
     async def removexattr(self, node: NodeId, name: bytes, ctx: RequestContext) -> None:
         self.check_xattr()
