@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import resource
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,3 +149,32 @@ def test_reads_the_ring_answers_see_the_file_as_it_is_and_end_with_the_handle(
     assert counts, daemon.log()
     requests = json.loads(counts[-1].split(" requests ", 1)[1])
     assert requests["fops"]["READ"] == 3 and requests["ring_reads"] == 1
+
+
+# Kata appends "extra arguments" (virtio_fs_extra_args, an annotation away from the pod's
+# author) to its own; they must not change what is exported or how (GHSA-rr59-xxvx-96qr).
+KATA_VIRTIOFSD_ARGS = ("--cache=auto", "--thread-pool-size=1", "--announce-submounts")
+
+
+@pytest.mark.parametrize(
+    ("extra", "complaint"),
+    [
+        (["-o", "source=/", "--sandbox=none", "--no-announce-submounts"], "No such option"),
+        (["--shared-dir", "/"], "given 2 times"),
+        (["--shared-dir=/"], "given 2 times"),
+        (["--socket", "/tmp/other.sock"], "given 2 times"),
+        (["--readonly", "--shared-dir", "/"], "given 2 times"),
+    ],
+)
+def test_extra_arguments_cannot_override_the_share(
+    tmp_path: Path, extra: list[str], complaint: str
+) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    sock = tmp_path / "s.sock"
+    argv = [sys.executable, "-m", "vhostfs", "serve", "--socket", str(sock)]
+    argv += ["--shared-dir", str(share), *KATA_VIRTIOFSD_ARGS, *extra]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert complaint in result.stderr and "Traceback" not in result.stderr
+    assert not sock.exists() and not os.path.exists("/tmp/other.sock")

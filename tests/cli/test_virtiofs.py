@@ -183,3 +183,28 @@ def test_a_socket_path_taken_by_a_file_fails_cleanly(tmp_path: Path) -> None:
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "exists and is not a socket" in result.stderr
     assert (tmp_path / "s").read_text() == "not a socket"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["virtiofs", "--sock", "s", "--shared-dir", "a", "--shared-dir", "/"],
+        ["virtiofs", "--sock", "s", "--sock", "t"],
+        ["--apisock", "api", "virtiofs", "--sock", "s", "--apisock", "other"],
+        ["virtiofs", "--sock", "s", "-B", "boot", "--bootstrap", "boot"],
+    ],
+)
+def test_what_is_served_and_where_may_be_given_once(tmp_path: Path, argv: list[str]) -> None:
+    """Kata Go appends virtio_fs_extra_args after its own; none may silently win."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "boot").write_bytes(b"")
+    result = subprocess.run(
+        [sys.executable, "-m", "vhostfs", *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "given 2 times" in result.stderr or "given twice" in result.stderr
+    assert not (tmp_path / "s").exists() and "Traceback" not in result.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import click
 
@@ -16,6 +17,19 @@ from vhostfs.daemon import Daemon, DaemonConfig, MountError, RafsMountConfig
 from vhostfs.storage import ConfigError, RafsConfig, parse_config
 
 LOG_LEVELS = ["error", "warn", "warning", "info", "debug", "trace"]
+
+
+def given_once(_ctx: click.Context, param: click.Parameter, values: tuple[Any, ...]) -> Any:
+    """Callback for an option declared multiple=True that may still be given only once.
+
+    Click lets the last of repeated options win. For what the daemon exports, where it listens
+    and how it is confined, a runtime that appends "extra arguments" to the operator's (Kata's
+    virtio_fs_extra_args, GHSA-rr59-xxvx-96qr) must not be able to override them silently."""
+    if len(values) > 1:
+        raise click.BadParameter(
+            f"given {len(values)} times; it may be given once", param=param
+        )
+    return values[0] if values else None
 
 
 def setup_logging(level: str, syslog: bool = False, log_file: str | None = None) -> None:

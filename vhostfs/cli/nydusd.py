@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
-from vhostfs.cli.common import LOG_LEVELS, rafs_mount, run_daemon, setup_logging
+from vhostfs.cli.common import LOG_LEVELS, given_once, rafs_mount, run_daemon, setup_logging
 from vhostfs.daemon import (
     DaemonConfig,
     MountConfig,
@@ -29,6 +29,8 @@ from vhostfs.daemon.process import raise_nofile_limit
 log = logging.getLogger(__name__)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+# Where the daemon listens and what it serves may be given once (see given_once).
+_ONCE: dict[str, Any] = {"multiple": True, "callback": given_once}
 
 GLOBAL_OPTIONS = (
     "apisock",
@@ -45,11 +47,14 @@ GLOBAL_OPTIONS = (
 def global_options(command: _F) -> _F:
     """nydusd's global options; applied to the `vhostfs` group and to `virtiofs`."""
     options = [
-        click.option("-A", "--apisock", type=click.Path(dir_okay=False), help="HTTP API socket."),
+        click.option(
+            "-A", "--apisock", type=click.Path(dir_okay=False), help="HTTP API socket.", **_ONCE
+        ),
         click.option(
             "-C",
             "--config",
             type=click.Path(exists=True, dir_okay=False),
+            **_ONCE,
             help="Config of the initial --bootstrap mount (nydusd v1 JSON).",
         ),
         click.option("-l", "--log-level", type=click.Choice(LOG_LEVELS), default=None),
@@ -72,12 +77,12 @@ def global_options(command: _F) -> _F:
 @click.command("virtiofs")
 @global_options
 @click.option(
-    "--sock", required=True, type=click.Path(dir_okay=False), help="vhost-user socket to listen on."
+    "--sock", required=True, type=click.Path(dir_okay=False), help="vhost-user socket.", **_ONCE
 )
 @click.option("--hybrid-mode", is_flag=True, help="Accepted as nydusd accepts it (no effect).")
-@click.option("-B", "--bootstrap", type=click.Path(exists=True, dir_okay=False))
-@click.option("-D", "--localfs-dir", type=click.Path(exists=True, file_okay=False))
-@click.option("-s", "--shared-dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-B", "--bootstrap", type=click.Path(exists=True, dir_okay=False), **_ONCE)
+@click.option("-D", "--localfs-dir", type=click.Path(exists=True, file_okay=False), **_ONCE)
+@click.option("-s", "--shared-dir", type=click.Path(exists=True, file_okay=False), **_ONCE)
 @click.option("--prefetch-files", type=click.Path(exists=True, dir_okay=False))
 @click.option("-m", "--virtual-mountpoint", default="/", show_default=True)
 @click.option("--thread-pool-size", hidden=True, default=None)
@@ -87,7 +92,13 @@ def virtiofs(ctx: click.Context, /, **flags: Any) -> None:
     """Serve nydusd's pseudo root over vhost-user-fs, with mounts added through the HTTP API
     (as Kata Containers runs nydusd)."""
     given = dict(ctx.obj or {})
-    given.update({name: value for name, value in flags.items() if value is not None})
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if given.get(name) not in (None, value):
+            # Before and after the subcommand: which one wins must not be a guess.
+            raise click.UsageError(f"--{name.replace('_', '-')} given twice, with two values")
+        given[name] = value
     setup_logging(given.get("log_level") or "info", log_file=given.get("log_file"))
     for refused in ("id", "supervisor", "upgrade"):
         if given.get(refused):

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from vhostfs.cli.common import LOG_LEVELS, rafs_mount, run_daemon, setup_logging
+from vhostfs.cli.common import LOG_LEVELS, given_once, rafs_mount, run_daemon, setup_logging
 from vhostfs.daemon import (
     DaemonConfig,
     InheritedSocket,
@@ -23,17 +23,23 @@ from vhostfs.daemon.process import raise_nofile_limit
     "--socket",
     "--socket-path",
     "socket_path",
+    multiple=True,
+    callback=given_once,
     type=click.Path(dir_okay=False),
     help="Listen on this Unix socket for the VMM (QEMU, cloud-hypervisor).",
 )
 @click.option(
     "--fd",
     "listen_fd",
+    multiple=True,
+    callback=given_once,
     type=int,
     help="Serve on an inherited, already listening socket (as Kata passes --fd=3).",
 )
 @click.option(
     "--shared-dir",
+    multiple=True,
+    callback=given_once,
     type=click.Path(exists=True, file_okay=False),
     help="Host directory to export, read-write unless --readonly.",
 )
@@ -71,12 +77,16 @@ from vhostfs.daemon.process import raise_nofile_limit
 )
 @click.option(
     "--bootstrap",
+    multiple=True,
+    callback=given_once,
     type=click.Path(exists=True, dir_okay=False),
     help="RAFS (v5/v6) or EROFS image to serve read-only.",
 )
 @click.option(
     "--image",
     "image_ref",
+    multiple=True,
+    callback=given_once,
     help="A nydus image in a registry (e.g. localhost:5000/app:nydus): its bootstrap is "
     "fetched, its data read lazily. Credentials from docker's config.json.",
 )
@@ -86,11 +96,15 @@ from vhostfs.daemon.process import raise_nofile_limit
 @click.option(
     "--config",
     "config_path",
+    multiple=True,
+    callback=given_once,
     type=click.Path(exists=True, dir_okay=False),
     help="nydusd v1 JSON config for --bootstrap (backend, cache, digest_validate, fs_prefetch).",
 )
 @click.option(
     "--blob-dir",
+    multiple=True,
+    callback=given_once,
     type=click.Path(exists=True, file_okay=False),
     help="Directory holding the image's blobs, named by blob id.",
 )
@@ -103,6 +117,8 @@ from vhostfs.daemon.process import raise_nofile_limit
 )
 @click.option(
     "--cache-dir",
+    multiple=True,
+    callback=given_once,
     type=click.Path(file_okay=False),
     help="Work directory for the chunk cache (none: no cache).",
 )
