@@ -37,9 +37,10 @@ def _serving(tmp_path: Path, *flags: str) -> Iterator[tuple[DaemonProcess, Front
     sock = tmp_path / "s.sock"
     argv = [sys.executable, "-m", "vhostfs", "serve", "--socket", str(sock)]
     argv += ["--shared-dir", str(share), *flags]
-    with listening_daemon(argv, sock, log_path=tmp_path / "log") as daemon, GuestMemory(
-        ((0x10_0000, 8 << 20),)
-    ) as mem:
+    with (
+        listening_daemon(argv, sock, log_path=tmp_path / "log") as daemon,
+        GuestMemory(((0x10_0000, 8 << 20),)) as mem,
+    ):
         frontend = Frontend(sock, mem)
         try:
             frontend.init()
@@ -178,3 +179,39 @@ def test_extra_arguments_cannot_override_the_share(
     assert result.returncode == 2, result.stderr
     assert complaint in result.stderr and "Traceback" not in result.stderr
     assert not sock.exists() and not os.path.exists("/tmp/other.sock")
+
+
+def test_a_lookup_flood_gets_enfile_and_the_daemon_serves_on(tmp_path: Path) -> None:
+    """Attack 39 against the real daemon: with 256 descriptors, the guest may hold 128; past
+    that its lookups get ENFILE, never the daemon's own EMFILE, and it keeps serving."""
+    share = tmp_path / "share"
+    share.mkdir()
+    for i in range(200):
+        (share / f"f{i}").write_bytes(b"x")
+    sock = tmp_path / "s.sock"
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    argv = ["prlimit", f"--nofile=256:{hard}", sys.executable, "-m", "vhostfs", "serve"]
+    argv += ["--socket", str(sock), "--shared-dir", str(share), "--rlimit-nofile", "0"]
+    with (
+        listening_daemon(argv, sock, log_path=tmp_path / "log") as daemon,
+        GuestMemory(((0x10_0000, 8 << 20),)) as mem,
+    ):
+        frontend = Frontend(sock, mem)
+        try:
+            frontend.init()
+            frontend.start()
+            assert _errno(frontend.request(QUEUE, fc.init(), 16 + 64)) == 0
+            looked_up = [
+                frontend.request(QUEUE, fc.lookup(fc.ROOT, b"f%d" % i), 16 + 128)
+                for i in range(200)
+            ]
+            errors = [_errno(reply) for reply in looked_up]
+            assert errors == [0] * 128 + [errno.ENFILE] * 72
+            assert _errno(frontend.request(QUEUE, fc.getattr_(fc.ROOT), 16 + 104)) == 0
+            first = fc.parse_entry_out(looked_up[0][16:]).nodeid
+            frontend.request(QUEUE, fc.forget(first, 1), 0)
+            again = frontend.request(QUEUE, fc.lookup(fc.ROOT, b"f199"), 16 + 128)
+            assert _errno(again) == 0
+        finally:
+            frontend.close()
+        assert daemon.process.wait(10) == 0, daemon.log()

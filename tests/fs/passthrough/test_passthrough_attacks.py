@@ -375,6 +375,52 @@ def g40_fd_exhaustion_by_opens(w: Guest, tree: Path) -> None:
 
 
 @attack
+def g39_lookup_flood_meets_the_guest_quota(w: Guest, tree: Path) -> None:
+    """Below RLIMIT_NOFILE: ENFILE for the guest, descriptors left for the daemon."""
+    for i in range(60):
+        (tree / "many" / f"q-{i}").write_bytes(b"")
+    many, known = w.walk(b"many"), w.walk(b"file.txt")
+    quota = w.fs.fd_quota
+    limit, quota.limit = quota.limit, quota.held + 40
+    try:
+        replies = [w.send(fc.lookup(many, f"q-{i}".encode())) for i in range(60)]
+        assert [r.error for r in replies] == [0] * 40 + [errno.ENFILE] * 20
+        assert quota.held == quota.limit == len(w.fs.inodes) + len(w.fs.handles) - 1
+        # Known nodes keep working; whatever would hold one more descriptor gets ENFILE and
+        # changes nothing.
+        assert w.send(fc.getattr_(many)).error == 0
+        assert w.send(fc.lookup(many, b"q-0")).error == 0
+        assert w.errno_of(fc.open_(known)) == errno.ENFILE
+        assert w.errno_of(fc.create(ROOT, b"nope")) == errno.ENFILE
+        assert w.errno_of(fc.mkdir(ROOT, b"nope-dir")) == errno.ENFILE
+        assert not (tree / "nope").exists() and not (tree / "nope-dir").exists()
+        # FORGET gives descriptors back.
+        nodes = [fc.parse_entry_out(r.payload).nodeid for r in replies[1:11]]
+        w.send(fc.batch_forget([(node, 1) for node in nodes]))
+        assert [w.send(fc.lookup(many, f"q-{i}".encode())).error for i in range(40, 50)] == [0] * 10
+        assert w.errno_of(fc.lookup(many, b"q-50")) == errno.ENFILE
+    finally:
+        quota.limit = limit
+
+
+@attack
+def g40_open_flood_meets_the_guest_quota(w: Guest, tree: Path) -> None:
+    node = w.walk(b"file.txt")
+    quota = w.fs.fd_quota
+    limit, quota.limit = quota.limit, quota.held + 10
+    try:
+        replies = [w.send(fc.open_(node)) for _ in range(15)]
+        assert [r.error for r in replies] == [0] * 10 + [errno.ENFILE] * 5
+        fh = fc.parse_open_out(replies[0].payload)[0]
+        assert w.send(fc.release(node, fh)).error == 0  # RELEASE gives one back
+        assert w.send(fc.open_(node)).error == 0
+    finally:
+        quota.limit = limit
+    for reply in replies[1:10]:
+        assert w.send(fc.release(node, fc.parse_open_out(reply.payload)[0])).error == 0
+
+
+@attack
 def g41_forget_abuse(w: Guest, tree: Path) -> None:
     node = w.walk(b"file.txt")
     w.send(fc.forget(node, 2**64 - 1))

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Final, Literal, TypeVar
 
-from vhostfs.fs.inodes import Inode, InodeTable
+from vhostfs.fs.inodes import FdQuota, Inode, InodeTable, guest_fd_limit
 from vhostfs.fs.passthrough import creds
 from vhostfs.fs.passthrough.handles import NO_HANDLE, Handles, Listing, Listings
 from vhostfs.fs.passthrough.names import checked_lookup_name
@@ -115,7 +115,9 @@ class PassthroughCore(Operations):
     readdirplus=False keeps the guest on plain READDIR; readonly=True answers EROFS to every
     change; writeback=True lets the guest's page cache hold writes (FUSE writeback cache);
     killpriv_v2=True leaves clearing set-id bits on write, truncate and chown to the daemon
-    (HANDLE_KILLPRIV_V2, as nydusd), instead of the guest sending the chmod itself."""
+    (HANDLE_KILLPRIV_V2, as nydusd), instead of the guest sending the chmod itself; fd_limit
+    caps the nodes and handles the guest may hold (default: below RLIMIT_NOFILE, inodes.py),
+    beyond which its lookups, opens and creates get ENFILE."""
 
     def __init__(
         self,
@@ -128,6 +130,7 @@ class PassthroughCore(Operations):
         writeback: bool = False,
         allow_devices: bool = False,
         killpriv_v2: bool = True,
+        fd_limit: int | None = None,
         workers: int = 4,
     ) -> None:
         if cache not in _TIMEOUTS:
@@ -146,8 +149,11 @@ class PassthroughCore(Operations):
         # The guest kernel already applied the caller's umask to the modes it sends; the
         # daemon's own umask (0 under `vhostfs serve`) must not take more bits away.
         self.umask = current_umask()
-        self.inodes = InodeTable(os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-        self.handles = Handles()
+        # One quota for nodes and handles: both are descriptors the guest makes us hold.
+        self.fd_quota = FdQuota(guest_fd_limit() if fd_limit is None else fd_limit)
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.inodes = InodeTable(root_fd, self.fd_quota)
+        self.handles = Handles(self.fd_quota)
         self.listings = Listings()  # directories read without a handle
         self.no_opendir = False  # the session runs with NO_OPENDIR_SUPPORT
         self._workers = workers
@@ -314,6 +320,7 @@ class PassthroughCore(Operations):
             # The guest handles devices, fifos and sockets itself; reopening one here would
             # reach the host's device, so only regular files are ever opened.
             raise FuseError(errno.EISDIR if stat.S_ISDIR(inode.mode) else errno.EACCES)
+        self.fd_quota.check()
         fd = os.open(proc_path(inode.fd), self.host_open_flags(flags))
         return self.file_opened(self.handles.add_file(node, fd, access != os.O_RDONLY))
 
@@ -364,6 +371,7 @@ class PassthroughCore(Operations):
             # The kernel's cue to stop sending OPENDIR and RELEASEDIR for this session; it
             # reads directories with fh 0 from now on.
             raise FuseError(errno.ENOSYS)
+        self.fd_quota.check()
         fd = self.open_directory(self.directory(node))
         return OpenOut(self.handles.add_dir(node, fd), _DIR_FLAGS[self.cache])
 

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Final
 
+from vhostfs.fs.inodes import FdQuota, guest_fd_limit
 from vhostfs.fuse.ops import DirEntry, FileHandle, FuseError, NodeId
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class OpenDir:
 class Handles:
     """File handle → OpenFile / OpenDir. Handle numbers never repeat within a process."""
 
-    def __init__(self) -> None:
+    def __init__(self, quota: FdQuota | None = None) -> None:
+        self.quota = quota or FdQuota(guest_fd_limit())
         self._files: dict[FileHandle, OpenFile] = {}
         self._dirs: dict[FileHandle, OpenDir] = {}
         self._next = itertools.count(1)
@@ -81,11 +83,14 @@ class Handles:
         return len(self._files) + len(self._dirs)
 
     def add_file(self, node: NodeId, fd: int, writable: bool) -> FileHandle:
+        """Takes ownership of fd (closed again if the quota is full: ENFILE)."""
+        self.quota.take(fd)
         fh = FileHandle(next(self._next))
         self._files[fh] = OpenFile(node, fd, writable)
         return fh
 
     def add_dir(self, node: NodeId, fd: int) -> FileHandle:
+        self.quota.take(fd)
         fh = FileHandle(next(self._next))
         self._dirs[fh] = OpenDir(node, fd)
         return fh
@@ -122,6 +127,7 @@ class Handles:
     def release_file(self, fh: FileHandle, node: NodeId) -> None:
         handle = self.file(fh, node)
         del self._files[fh]
+        self.quota.give_back()
         handle.released = True
         if handle.busy == 0:
             _close_quietly(handle.fd)
@@ -129,9 +135,11 @@ class Handles:
     def release_dir(self, fh: FileHandle, node: NodeId) -> None:
         handle = self.dir(fh, node)
         del self._dirs[fh]
+        self.quota.give_back()
         _close_quietly(handle.fd)
 
     def clear(self) -> None:
+        self.quota.give_back(len(self))
         for fh in list(self._files):
             handle = self._files.pop(fh)
             handle.released = True

@@ -48,6 +48,7 @@ class NamespaceOps(PassthroughCore):
         whiteout = kind == stat.S_IFCHR and rdev == 0
         if device and not whiteout and not self.allow_devices:
             raise FuseError(errno.EPERM)
+        self.fd_quota.check()
         with as_caller(ctx, self.switch_creds):
             os.mknod(name, kind | (mode & 0o7777), rdev if device else 0, dir_fd=directory.fd)
         return self._adopt_new(directory, name, mode)
@@ -58,6 +59,7 @@ class NamespaceOps(PassthroughCore):
         self.check_writable()
         directory = self.directory(parent)
         name = checked_name(name)
+        self.fd_quota.check()
         with as_caller(ctx, self.switch_creds):
             os.mkdir(name, mode & 0o7777, dir_fd=directory.fd)
         return self._adopt_new(directory, name, mode)
@@ -71,6 +73,7 @@ class NamespaceOps(PassthroughCore):
         if b"\0" in target:
             raise FuseError(errno.EINVAL)
         # The target is stored as the guest wrote it and never followed on the host.
+        self.fd_quota.check()
         with as_caller(ctx, self.switch_creds):
             os.symlink(target, name, dir_fd=directory.fd)
         return self.adopt_name(directory, name)
@@ -132,6 +135,7 @@ class NamespaceOps(PassthroughCore):
         if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
             raise FuseError(errno.EINVAL)
         host_flags = self.host_open_flags(flags) | _CREATE_FLAGS
+        self.fd_quota.check(2)  # the node and its handle
         with as_caller(ctx, self.switch_creds):
             fd = os.open(name, host_flags, mode & 0o7777, dir_fd=directory.fd)
         return self._adopt_open(fd, flags, mode)
@@ -144,6 +148,7 @@ class NamespaceOps(PassthroughCore):
         if flags & os.O_ACCMODE not in (os.O_WRONLY, os.O_RDWR):
             raise FuseError(errno.EINVAL)
         host_flags = self.host_open_flags(flags) | os.O_TMPFILE
+        self.fd_quota.check(2)
         with as_caller(ctx, self.switch_creds):
             fd = os.open(b".", host_flags, mode & 0o7777, dir_fd=directory.fd)
         return self._adopt_open(fd, flags, mode)
@@ -170,6 +175,10 @@ class NamespaceOps(PassthroughCore):
             os.close(fd)
             os.close(path_fd)
             raise
-        entry = self.adopt(path_fd)
+        try:
+            entry = self.adopt(path_fd)
+        except BaseException:
+            os.close(fd)
+            raise
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         return entry, self.file_opened(self.handles.add_file(entry.node_id, fd, writable))
