@@ -2,10 +2,11 @@
 
 Each attack sends crafted FUSE requests through the real dispatcher and checks the errno; then,
 for every one, nothing outside the export has changed (a snapshot of the export's parent
-directory, taken before, still matches) and the daemon keeps serving. The sandbox-only items
-(H46-H50) and the multi-threaded races are out of scope here: containment must hold without a
-sandbox, which is what these check. Every attack runs twice: against a session that reads
-directories without handles (fh 0, NO_OPENDIR_SUPPORT negotiated) and one with handles.
+directory, taken before, still matches) and the daemon keeps serving. Containment must hold
+without a sandbox, which is what these check; the races with the host (B11, B12, D26) are in
+test_passthrough_races.py, the sandbox's items (H46-H50) with the daemon that has it. Every
+attack runs twice: against a session that reads directories without handles (fh 0,
+NO_OPENDIR_SUPPORT negotiated) and one with handles.
 """
 
 from __future__ import annotations
