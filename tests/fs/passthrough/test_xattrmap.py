@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.support import fuse_client as fc
+from tests.support.passthrough_guest import Guest
+from vhostfs.fs import Passthrough
 from vhostfs.fs.passthrough.xattrmap import XattrMap, XattrRule
+from vhostfs.fuse.abi import SetattrValid as V
 from vhostfs.fuse.ops import FuseError
 
 TRUSTED_MAP = ":map:trusted.:user.virtiofs.:"
@@ -186,3 +195,183 @@ def test_where_the_guests_capabilities_live() -> None:
     assert XattrMap.parse(TRUSTED_MAP).host_capability_name() is None  # unchanged
     refused = XattrMap.parse(":bad:all:security.:security.: :ok:all:::")
     assert refused.host_capability_name() is None
+
+
+# Through the passthrough, as the guest kernel sends them.
+
+CAP = b"security.capability"
+MAPPED_CAP = b"user.virtiofs.security.capability"
+CAP_BLOB = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep
+WRITE_KILL_SUIDGID = 1 << 2
+
+
+@contextlib.contextmanager
+def _guest(tree: Path, text: str, **kw: bool) -> Iterator[Guest]:
+    fs = Passthrough(tree, xattrmap=XattrMap.parse(text), **kw)  # type: ignore[arg-type]
+    try:
+        yield Guest(fs)
+    finally:
+        fs.close()
+
+
+@pytest.fixture
+def trusted(tree: Path) -> Iterator[Guest]:
+    with _guest(tree, TRUSTED_MAP) as g:
+        yield g
+
+
+def _listed(g: Guest, node: int) -> list[bytes]:
+    payload = g.send(fc.listxattr(node, 4096)).payload
+    return payload.split(b"\0")[:-1]
+
+
+def _host(path: Path) -> list[bytes]:
+    return sorted(os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False))
+
+
+def test_overlayfs_trusted_names_land_under_user_virtiofs(trusted: Guest, tree: Path) -> None:
+    node = trusted.walk(b"file.txt")
+    assert trusted.send(fc.setxattr(node, b"trusted.overlay.opaque", b"y")).error == 0
+    assert _host(tree / "file.txt") == [b"user.virtiofs.trusted.overlay.opaque"]
+    assert trusted.send(fc.getxattr(node, b"trusted.overlay.opaque", 10)).payload == b"y"
+    assert _listed(trusted, node) == [b"trusted.overlay.opaque"]
+    assert trusted.send(fc.setxattr(node, b"user.color", b"red")).error == 0  # unchanged
+    assert os.getxattr(tree / "file.txt", "user.color") == b"red"
+    assert sorted(_listed(trusted, node)) == [b"trusted.overlay.opaque", b"user.color"]
+    assert trusted.send(fc.removexattr(node, b"trusted.overlay.opaque")).error == 0
+    assert _host(tree / "file.txt") == [b"user.color"]
+    assert trusted.errno_of(fc.getxattr(node, b"trusted.overlay.opaque", 10)) == errno.ENODATA
+
+
+def test_the_guest_cannot_reach_the_mapped_names_directly(trusted: Guest, tree: Path) -> None:
+    node = trusted.walk(b"file.txt")
+    os.setxattr(tree / "file.txt", "user.virtiofs.trusted.overlay.opaque", b"y")
+    forged = b"user.virtiofs.trusted.overlay.opaque"
+    assert trusted.errno_of(fc.setxattr(node, forged, b"y")) == errno.EPERM
+    assert trusted.errno_of(fc.getxattr(node, forged, 10)) == errno.EPERM
+    assert trusted.errno_of(fc.removexattr(node, forged)) == errno.EPERM
+    assert os.getxattr(tree / "file.txt", forged) == b"y"
+
+
+def test_host_names_are_listed_as_the_rules_say(trusted: Guest, tree: Path) -> None:
+    path = tree / "file.txt"
+    os.setxattr(path, "trusted.overlay.opaque", b"host's own")  # hidden: a bad server rule
+    os.setxattr(path, "user.virtiofs.foo", b"v")  # prefixed but not trusted.*: stripped
+    os.setxattr(path, "user.plain", b"v")  # passes through
+    node = trusted.walk(b"file.txt")
+    assert sorted(_listed(trusted, node)) == [b"foo", b"user.plain"]
+    # The guest reads "foo" as the plain host name "foo" (virtiofsd's rules), which Linux
+    # does not have: the stripped name is listed but not readable.
+    assert trusted.errno_of(fc.getxattr(node, b"foo", 10)) == errno.EOPNOTSUPP
+    # The host's raw trusted.* stays out of the guest's reach as well as its listing.
+    assert trusted.send(fc.getxattr(node, b"trusted.overlay.opaque", 20)).error == errno.ENODATA
+
+
+def test_listxattr_sizes_are_those_of_the_mapped_list(trusted: Guest, tree: Path) -> None:
+    path = tree / "file.txt"
+    os.setxattr(path, "user.virtiofs.trusted.overlay.opaque", b"y")
+    os.setxattr(path, "trusted.hidden", b"y")
+    node = trusted.walk(b"file.txt")
+    wanted = len(b"trusted.overlay.opaque\0")
+    assert fc.parse_u32_size(trusted.send(fc.listxattr(node, 0)).payload) == wanted
+    assert trusted.errno_of(fc.listxattr(node, wanted - 1)) == errno.ERANGE
+    assert trusted.send(fc.listxattr(node, wanted)).payload == b"trusted.overlay.opaque\0"
+    os.removexattr(path, "user.virtiofs.trusted.overlay.opaque")
+    assert fc.parse_u32_size(trusted.send(fc.listxattr(node, 0)).payload) == 0  # all hidden
+    assert trusted.send(fc.listxattr(node, 10)).payload == b""
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "err"),
+    [
+        (":bad:client:security.:: :ok:all:::", b"security.selinux", errno.EPERM),
+        (":unsupported:client:security.:: :ok:all:::", b"security.selinux", errno.ENOTSUP),
+        (ALL_MAP, b"user.virtiofs.x", None),  # everything is prefixed: nothing is refused
+    ],
+)
+def test_refused_names_get_the_rules_errno(
+    tree: Path, text: str, name: bytes, err: int | None
+) -> None:
+    with _guest(tree, text) as g:
+        node = g.walk(b"file.txt")
+        if err is None:
+            assert g.send(fc.setxattr(node, name, b"v")).error == 0
+            assert os.getxattr(tree / "file.txt", b"user.virtiofs." + name) == b"v"
+            return
+        for request in (
+            fc.setxattr(node, name, b"v"),
+            fc.getxattr(node, name, 10),
+            fc.removexattr(node, name),
+        ):
+            assert g.errno_of(request) == err
+        assert g.errno_of(fc.setxattr(node, b"security.other", b"v")) == err
+        assert _host(tree / "file.txt") == []
+
+
+@pytest.fixture
+def capable(tree: Path) -> Iterator[tuple[Guest, Path, int]]:
+    """Under `:map::user.virtiofs.:`, a setuid file the guest gave a capability."""
+    path = tree / "setid"
+    path.write_bytes(b"")
+    path.chmod(0o4755)
+    with _guest(tree, ALL_MAP) as g:
+        node = g.walk(b"setid")
+        assert g.send(fc.setxattr(node, CAP, CAP_BLOB)).error == 0
+        assert _host(path) == [MAPPED_CAP]
+        assert g.send(fc.getxattr(node, CAP, 64)).payload == CAP_BLOB
+        assert _listed(g, node) == [CAP]
+        yield g, path, node
+
+
+def test_a_kill_suid_write_removes_the_mapped_capability(
+    capable: tuple[Guest, Path, int],
+) -> None:
+    g, path, node = capable
+    fh = g.open(node, os.O_WRONLY)
+    assert g.send(fc.write(node, fh, 0, b"plain")).error == 0
+    assert _host(path) == [MAPPED_CAP]  # a privileged writer: the guest's kernel decides
+    os.setxattr(path, CAP.decode(), CAP_BLOB)  # the host's own, too
+    killing = fc.write(node, fh, 0, b"x", write_flags=WRITE_KILL_SUIDGID, uid=1000, gid=1000)
+    assert g.send(killing).error == 0
+    assert _host(path) == [] and stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert _listed(g, node) == []
+
+
+@pytest.mark.parametrize(
+    ("valid", "kw"),
+    [(V.UID | V.GID, {"uid": 1000, "gid": 1000}), (V.SIZE, {"size": 0}), (V.KILL_SUIDGID, {})],
+    ids=["chown", "truncate", "kill-suidgid"],
+)
+def test_chown_and_truncate_remove_the_mapped_capability(
+    capable: tuple[Guest, Path, int], valid: int, kw: dict[str, int]
+) -> None:
+    g, path, node = capable
+    assert g.send(fc.setattr_(node, valid, **kw)).error == 0
+    assert MAPPED_CAP not in _host(path)
+    assert g.errno_of(fc.getxattr(node, CAP, 64)) == errno.ENODATA
+
+
+def test_an_o_trunc_open_removes_the_mapped_capability(
+    capable: tuple[Guest, Path, int],
+) -> None:
+    g, path, node = capable
+    g.open(node, os.O_RDONLY)
+    assert _host(path) == [MAPPED_CAP]
+    g.open(node, os.O_WRONLY | os.O_TRUNC)
+    assert _host(path) == []
+
+
+def test_without_a_map_names_pass_unchanged(w: Guest, tree: Path) -> None:
+    node = w.walk(b"file.txt")
+    assert w.send(fc.setxattr(node, b"user.virtiofs.x", b"v")).error == 0
+    assert w.send(fc.setxattr(node, b"trusted.x", b"v")).error == 0
+    assert _host(tree / "file.txt") == [b"trusted.x", b"user.virtiofs.x"]
+    assert sorted(_listed(w, node)) == [b"trusted.x", b"user.virtiofs.x"]
+    assert w.fs.capability_names == (CAP,)
+
+
+def test_xattrs_off_wins_over_a_map(tree: Path) -> None:
+    with _guest(tree, ALL_MAP, xattr=False) as g:
+        node = g.walk(b"file.txt")
+        assert g.errno_of(fc.setxattr(node, b"user.a", b"v")) == errno.ENOSYS
+        assert g.errno_of(fc.listxattr(node, 0)) == errno.ENOSYS
