@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
+from vhostfs.fs.passthrough.xattrmap import XattrMap
 from vhostfs.storage import RafsConfig
 
 CachePolicy: TypeAlias = Literal["auto", "always", "never"]
@@ -27,6 +28,7 @@ class PassthroughMountConfig:
     writeback: bool = False  # the guest's page cache holds writes (FUSE writeback cache)
     allow_devices: bool = False  # let the guest create block and char devices (not whiteouts)
     workers: int = 4  # threads for blocking work (fsync, big writes, fallocate, copies)
+    xattrmap: XattrMap | None = None  # rename xattrs on the host (virtiofsd's --xattrmap)
 
 
 @dataclass(frozen=True, slots=True)

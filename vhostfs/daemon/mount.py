@@ -87,6 +87,7 @@ class PassthroughMount(Mount):
                 writeback=config.writeback,
                 allow_devices=config.allow_devices,
                 workers=config.workers,
+                xattrmap=config.xattrmap,
             )
         except OSError as e:
             raise MountError(f"{self.config.shared_dir}: {e.strerror}") from None

@@ -6,13 +6,18 @@ import contextlib
 import errno
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import fuse_client as fc
+from tests.support.frontend import Frontend
+from tests.support.guest import GuestMemory
 from tests.support.passthrough_guest import Guest
+from tests.support.vm import listening_daemon
 from vhostfs.fs import Passthrough
 from vhostfs.fs.passthrough.xattrmap import XattrMap, XattrRule
 from vhostfs.fuse.abi import SetattrValid as V
@@ -375,3 +380,60 @@ def test_xattrs_off_wins_over_a_map(tree: Path) -> None:
         node = g.walk(b"file.txt")
         assert g.errno_of(fc.setxattr(node, b"user.a", b"v")) == errno.ENOSYS
         assert g.errno_of(fc.listxattr(node, 0)) == errno.ENOSYS
+
+
+# Through `vhostfs serve --xattrmap`, the real socket and a test front-end as the guest.
+
+
+def _serve(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vhostfs", "serve", *args]
+
+
+def test_serve_with_an_xattrmap(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "f").write_bytes(b"")
+    os.setxattr(share / "f", "trusted.host", b"h")  # the host's own: hidden from the guest
+    sock = tmp_path / "s.sock"
+    argv = _serve("--socket", str(sock), "--shared-dir", str(share), "--xattrmap", TRUSTED_MAP)
+    queue = 1
+
+    def errno_of(reply: bytes) -> int:
+        return -fc.parse_out_header(reply).error
+
+    with listening_daemon(argv, sock, log_path=tmp_path / "log") as daemon:
+        with GuestMemory(((0x10_0000, 8 << 20),)) as mem:
+            frontend = Frontend(sock, mem)
+            try:
+                frontend.init()
+                frontend.start()
+                assert errno_of(frontend.request(queue, fc.init(), 16 + 64)) == 0
+                entry = frontend.request(queue, fc.lookup(fc.ROOT, b"f"), 16 + 128)
+                node = fc.parse_entry_out(entry[16:]).nodeid
+                opaque = fc.setxattr(node, b"trusted.overlay.opaque", b"y")
+                assert errno_of(frontend.request(queue, opaque, 16)) == 0
+                forged = fc.setxattr(node, b"user.virtiofs.trusted.x", b"y")
+                assert errno_of(frontend.request(queue, forged, 16)) == errno.EPERM
+                listing = frontend.request(queue, fc.listxattr(node, 4096), 16 + 4096)
+                assert listing[16:] == b"trusted.overlay.opaque\0"
+            finally:
+                frontend.close()
+        assert daemon.process.wait(10) == 0, daemon.log()
+    assert _host(share / "f") == [b"trusted.host", b"user.virtiofs.trusted.overlay.opaque"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--xattrmap", ":ok:client:::"), "no rule applies to server names"),
+        (("--xattrmap", ":prefix:every::user.:"), "unknown scope 'every'"),
+        (("--xattrmap", ALL_MAP, "--no-xattr"), "--xattrmap needs --shared-dir with xattrs on"),
+    ],
+)
+def test_serve_refuses_a_bad_xattrmap(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    sock = tmp_path / "s.sock"
+    argv = _serve("--socket", str(sock), "--shared-dir", str(tmp_path), *args)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert message in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
+    assert not sock.exists()
