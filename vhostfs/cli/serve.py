@@ -16,6 +16,7 @@ from vhostfs.daemon import (
 )
 from vhostfs.daemon.config import CachePolicy
 from vhostfs.daemon.process import raise_nofile_limit
+from vhostfs.fs.passthrough.xattrmap import XattrMap
 
 
 @click.command()
@@ -62,6 +63,13 @@ from vhostfs.daemon.process import raise_nofile_limit
     show_default=True,
     help="Clear set-id bits on write, truncate and chown in the daemon (FUSE killpriv_v2), "
     "rather than have the guest send the chmod.",
+)
+@click.option(
+    "--xattrmap",
+    callback=lambda _ctx, _param, value: _xattrmap(value),
+    metavar="MAP",
+    help="Rename xattrs on the host, in virtiofsd's rule syntax (e.g. "
+    "':map:trusted.:user.virtiofs.:' where trusted.* is not allowed).",
 )
 @click.option(
     "--allow-devices",
@@ -153,6 +161,7 @@ def serve(
     writeback: bool,
     xattr: bool,
     killpriv_v2: bool,
+    xattrmap: XattrMap | None,
     allow_devices: bool,
     rlimit_nofile: int,
     bootstrap: str | None,
@@ -177,6 +186,8 @@ def serve(
         raise click.UsageError("give exactly one of --socket/--socket-path and --fd")
     if [shared_dir, bootstrap, image_ref].count(None) != 2:
         raise click.UsageError("give exactly one of --shared-dir, --bootstrap and --image")
+    if xattrmap is not None and (shared_dir is None or not xattr):
+        raise click.UsageError("--xattrmap needs --shared-dir with xattrs on")
     mount: MountConfig
     if shared_dir is not None:
         mount = PassthroughMountConfig(
@@ -188,6 +199,7 @@ def serve(
             allow_devices=allow_devices,
             killpriv_v2=killpriv_v2,
             workers=max(1, thread_pool_size or 4),
+            xattrmap=xattrmap,
         )
         if not readonly:
             # Modes arrive with the guest caller's umask applied; ours must not add to it.
@@ -220,3 +232,11 @@ _CACHE_POLICIES: dict[str, CachePolicy] = {
     "none": "never",
     "metadata": "auto",
 }
+
+
+def _xattrmap(value: str | None) -> XattrMap | None:
+    """--xattrmap, parsed here so that a bad map is a usage error before anything starts."""
+    try:
+        return None if value is None else XattrMap.parse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None

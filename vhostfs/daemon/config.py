@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
+from vhostfs.fs.passthrough.xattrmap import XattrMap
 from vhostfs.storage import RafsConfig
 
 CachePolicy: TypeAlias = Literal["auto", "always", "never"]
@@ -28,6 +29,7 @@ class PassthroughMountConfig:
     allow_devices: bool = False  # let the guest create block and char devices (not whiteouts)
     killpriv_v2: bool = True  # the daemon clears set-id bits on write/truncate/chown (nydusd's)
     workers: int = 4  # threads for blocking work (fsync, big writes, fallocate, copies)
+    xattrmap: XattrMap | None = None  # rename xattrs on the host (virtiofsd's --xattrmap)
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,6 +88,7 @@ class PassthroughMount(Mount):
                 allow_devices=config.allow_devices,
                 killpriv_v2=config.killpriv_v2,
                 workers=config.workers,
+                xattrmap=config.xattrmap,
             )
         except OSError as e:
             raise MountError(f"{self.config.shared_dir}: {e.strerror}") from None

@@ -47,6 +47,7 @@ from vhostfs.fs.inodes import FdQuota, Inode, InodeTable, guest_fd_limit
 from vhostfs.fs.passthrough import creds
 from vhostfs.fs.passthrough.handles import NO_HANDLE, Handles, Listing, Listings
 from vhostfs.fs.passthrough.names import checked_lookup_name
+from vhostfs.fs.passthrough.xattrmap import XattrMap
 from vhostfs.fuse.abi import InitFlag, OpenReplyFlag
 from vhostfs.fuse.negotiate import granted
 from vhostfs.fuse.ops import (
@@ -117,7 +118,8 @@ class PassthroughCore(Operations):
     killpriv_v2=True leaves clearing set-id bits on write, truncate and chown to the daemon
     (HANDLE_KILLPRIV_V2, as nydusd), instead of the guest sending the chmod itself; fd_limit
     caps the nodes and handles the guest may hold (default: below RLIMIT_NOFILE, inodes.py),
-    beyond which its lookups, opens and creates get ENFILE."""
+    beyond which its lookups, opens and creates get ENFILE; xattrmap renames the guest's xattr
+    names on the host (xattrmap.py)."""
 
     def __init__(
         self,
@@ -132,12 +134,20 @@ class PassthroughCore(Operations):
         killpriv_v2: bool = True,
         fd_limit: int | None = None,
         workers: int = 4,
+        xattrmap: XattrMap | None = None,
     ) -> None:
         if cache not in _TIMEOUTS:
             raise ValueError(f"cache must be auto, always or never, not {cache!r}")
         self.cache = cache
         self.timeout = _TIMEOUTS[cache]
         self.xattr = xattr
+        self.xattrmap = xattrmap
+        # The host names a file's capabilities may be under: its own, and where the map puts
+        # the guest's (the host kernel removes only the former on writes and chown).
+        mapped_capability = xattrmap.host_capability_name() if xattrmap else None
+        self.capability_names: tuple[bytes, ...] = (b"security.capability",) + (
+            (mapped_capability,) if mapped_capability else ()
+        )
         self.readdirplus = readdirplus and cache != "never"
         self.readonly = readonly
         self.writeback = writeback and not readonly
@@ -189,6 +199,13 @@ class PassthroughCore(Operations):
     def check_writable(self) -> None:
         if self.readonly:
             raise erofs()
+
+    def drop_mapped_capability(self, inode: Inode) -> None:
+        """Remove the guest's security.capability from a regular file where the xattr map put
+        it under another name, as the host kernel removes its own on a write, truncate or
+        chown (CVE-2021-20263: a remapped capability must not outlive the change)."""
+        if len(self.capability_names) > 1 and stat.S_ISREG(inode.mode):
+            remove_xattrs(inode, self.capability_names[1:])
 
     # Session.
 
@@ -322,6 +339,8 @@ class PassthroughCore(Operations):
             raise FuseError(errno.EISDIR if stat.S_ISDIR(inode.mode) else errno.EACCES)
         self.fd_quota.check()
         fd = os.open(proc_path(inode.fd), self.host_open_flags(flags))
+        if flags & os.O_TRUNC:
+            self.drop_mapped_capability(inode)
         return self.file_opened(self.handles.add_file(node, fd, access != os.O_RDONLY))
 
     def file_opened(self, fh: FileHandle) -> OpenOut:
@@ -427,13 +446,28 @@ class PassthroughCore(Operations):
         if not self.xattr:
             raise FuseError(errno.ENOSYS)
 
+    def host_xattr_name(self, name: bytes) -> bytes:
+        """The host name for an xattr name the guest sends (the map's refusals raise)."""
+        return name if self.xattrmap is None else self.xattrmap.host_name(name)
+
     async def getxattr(self, node: NodeId, name: bytes, ctx: RequestContext) -> bytes:
         self.check_xattr()
+        name = self.host_xattr_name(name)
         return os.getxattr(proc_path(self.inodes.get(node).fd), name)
 
     async def listxattr(self, node: NodeId, ctx: RequestContext) -> Sequence[bytes]:
         self.check_xattr()
-        return [os.fsencode(name) for name in os.listxattr(proc_path(self.inodes.get(node).fd))]
+        names = [os.fsencode(name) for name in os.listxattr(proc_path(self.inodes.get(node).fd))]
+        # Sizes (0 asks for it, ERANGE when short) are the dispatcher's, on what we return.
+        return names if self.xattrmap is None else self.xattrmap.guest_names(names)
+
+
+def remove_xattrs(inode: Inode, names: Iterable[bytes]) -> None:
+    """Remove the names from inode, those it does not have (ENODATA) or cannot have (ENOTSUP)
+    being no error."""
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.removexattr(proc_path(inode.fd), name)
 
 
 def current_umask() -> int:

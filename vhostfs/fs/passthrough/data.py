@@ -9,7 +9,10 @@ Set-id bits and file capabilities: the daemon runs as root, and root's writes ne
 on the host. When the guest says the writer was unprivileged (FUSE_WRITE_KILL_SUIDGID,
 FATTR_KILL_SUIDGID) the daemon clears them as the kernel would for that writer: S_ISUID
 always, S_ISGID when group-executable, and security.capability. Without those flags the guest
-kernel sends the chmod and removexattr itself.
+kernel sends the chmod and removexattr itself. Where an xattr map stores the guest's
+security.capability under another name, which the host kernel does not know to remove, a
+truncate, chown or O_TRUNC open (core.py) removes that name too, and so does a kill of
+privileges.
 
 Symlinks: SETATTR acts on the link itself. chown and utimes go through /proc/self/fd/N, which
 reaches the link's own inode; chmod and truncate of a symlink are refused as Linux refuses
@@ -18,7 +21,6 @@ them. Truncating without a handle reopens only a regular file.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -27,7 +29,7 @@ from typing import Final
 
 from vhostfs.fs.inodes import Inode
 from vhostfs.fs.passthrough import syscalls
-from vhostfs.fs.passthrough.core import OFFSET_MAX, PassthroughCore, proc_path
+from vhostfs.fs.passthrough.core import OFFSET_MAX, PassthroughCore, proc_path, remove_xattrs
 from vhostfs.fs.passthrough.handles import NO_HANDLE
 from vhostfs.fuse.ops import (
     Attr,
@@ -43,7 +45,6 @@ from vhostfs.fuse.ops import (
 
 WRITE_KILL_SUIDGID: Final = 1 << 2  # fuse_write_in.write_flags
 _OFFLOAD_BYTES: Final = 64 * 1024
-_CAPABILITY: Final = b"security.capability"
 
 
 def _check_range(offset: int, length: int) -> None:
@@ -73,12 +74,14 @@ class DataOps(PassthroughCore):
             uid = -1 if changes.uid is None else changes.uid
             gid = -1 if changes.gid is None else changes.gid
             os.chown(proc_path(inode.fd), uid, gid)
+        if changes.size is not None or changes.uid is not None or changes.gid is not None:
+            self.drop_mapped_capability(inode)
         if changes.mode is not None:
             if stat.S_ISLNK(inode.mode):
                 raise FuseError(errno.EOPNOTSUPP)
             os.chmod(proc_path(inode.fd), changes.mode & 0o7777)
         elif changes.kill_suidgid:
-            kill_privileges(inode)
+            kill_privileges(inode, self.capability_names)
         times = (changes.atime_ns, changes.mtime_ns)
         if times != (None, None) or changes.atime_now or changes.mtime_now:
             self._set_times(inode, changes)
@@ -122,7 +125,7 @@ class DataOps(PassthroughCore):
         opened = await super().open(node, flags, ctx)
         if kill_suidgid and flags & os.O_TRUNC:
             # The host truncated as root, who keeps set-id bits; the guest's caller may not.
-            kill_privileges(self.inodes.get(node))
+            kill_privileges(self.inodes.get(node), self.capability_names)
         return opened
 
     async def write(
@@ -144,7 +147,7 @@ class DataOps(PassthroughCore):
             else:
                 written = data.to_file(fd, offset)
         if flags & WRITE_KILL_SUIDGID:
-            kill_privileges(self.inodes.get(node))
+            kill_privileges(self.inodes.get(node), self.capability_names)
         return written
 
     async def flush(self, node: NodeId, fh: FileHandle, lock_owner: int) -> None:
@@ -209,8 +212,9 @@ class DataOps(PassthroughCore):
             )
 
 
-def kill_privileges(inode: Inode) -> None:
-    """What the kernel does to a file an unprivileged caller writes, truncates or chowns."""
+def kill_privileges(inode: Inode, capability_names: tuple[bytes, ...]) -> None:
+    """What the kernel does to a file an unprivileged caller writes, truncates or chowns;
+    capability_names are where its capabilities may be (the xattr map may have moved them)."""
     if not stat.S_ISREG(inode.mode):
         return
     mode = os.fstat(inode.fd).st_mode
@@ -219,5 +223,4 @@ def kill_privileges(inode: Inode) -> None:
         kill |= stat.S_ISGID
     if mode & kill:
         os.chmod(proc_path(inode.fd), stat.S_IMODE(mode) & ~kill)
-    with contextlib.suppress(OSError):  # ENODATA: none; ENOTSUP: no xattrs on this fs
-        os.removexattr(proc_path(inode.fd), _CAPABILITY)
+    remove_xattrs(inode, capability_names)

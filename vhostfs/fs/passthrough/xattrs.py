@@ -4,6 +4,7 @@ Through /proc/self/fd/N, which reaches the node's own inode without opening it: 
 xattrs are its own (the kernel refuses user.* on symlinks), and a FIFO or device is never
 opened. user.*, trusted.* and security.* pass through as far as the daemon's privileges go;
 trusted.* is what overlayfs in the guest keeps its whiteouts, opaque dirs and redirects in.
+With an xattr map (xattrmap.py) the names are the host's under the map, after its refusals.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class XattrOps(PassthroughCore):
         self.check_writable()
         if flags & ~_XATTR_FLAGS or b"\0" in name:
             raise FuseError(errno.EINVAL)
+        name = self.host_xattr_name(name)
         inode = self.inodes.get(node)
         os.setxattr(proc_path(inode.fd), name, value, flags)
         if kill_sgid:
@@ -47,4 +49,5 @@ class XattrOps(PassthroughCore):
         self.check_writable()
         if b"\0" in name:
             raise FuseError(errno.EINVAL)
+        name = self.host_xattr_name(name)
         os.removexattr(proc_path(self.inodes.get(node).fd), name)
