@@ -8,6 +8,8 @@ import errno
 import json
 import os
 import resource
+import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from tests.support import fuse_client as fc
 from tests.support.frontend import Frontend
 from tests.support.guest import GuestMemory
 from tests.support.vm import DaemonProcess, listening_daemon
+from vhostfs.fuse.abi import SetattrValid as V
 
 QUEUE = 1
 ENTRY_AND_OPEN = 16 + 128 + 16
@@ -215,3 +218,62 @@ def test_a_lookup_flood_gets_enfile_and_the_daemon_serves_on(tmp_path: Path) -> 
         finally:
             frontend.close()
         assert daemon.process.wait(10) == 0, daemon.log()
+
+
+DAEMON_UID = 1234  # an unprivileged user, no entry in /etc/passwd needed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting a daemon as another user needs root")
+def test_an_unprivileged_daemon_degrades_as_documented(tmp_path: Path) -> None:
+    """Attack 50, without an id map: the daemon runs as an ordinary user. New files are its
+    own (it cannot create as the guest's caller), chown to anyone else and device nodes are
+    EPERM, nothing crashes, and an xattr map gives overlayfs its trusted.* names anyway."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="vhostfs-unprivileged-"))
+    try:
+        base.chmod(0o755)
+        share, run = base / "share", base / "run"
+        for directory in (share, run):
+            directory.mkdir()
+            os.chown(directory, DAEMON_UID, DAEMON_UID)
+        sock = run / "s.sock"
+        argv = ["setpriv", f"--reuid={DAEMON_UID}", f"--regid={DAEMON_UID}", "--clear-groups"]
+        argv += [sys.executable, "-m", "vhostfs", "serve", "--socket", str(sock)]
+        argv += ["--shared-dir", str(share), "--xattrmap", ":map:trusted.:user.virtiofs.:"]
+        argv += ["--allow-devices"]  # devices allowed: the host itself refuses a non-root mknod
+        with (
+            listening_daemon(argv, sock, log_path=tmp_path / "log") as daemon,
+            GuestMemory(((0x10_0000, 8 << 20),)) as mem,
+        ):
+            frontend = Frontend(sock, mem)
+            try:
+                frontend.init()
+                frontend.start()
+                assert _errno(frontend.request(QUEUE, fc.init(), 16 + 64)) == 0
+
+                def ask(raw: bytes, room: int = 256) -> bytes:
+                    return frontend.request(QUEUE, raw, 16 + room)
+
+                created = ask(fc.create(fc.ROOT, b"f", os.O_RDWR, uid=1000, gid=1000))
+                assert _errno(created) == 0
+                node = fc.parse_entry_out(created[16:]).nodeid
+                assert _errno(ask(fc.setattr_(node, V.UID, uid=0))) == errno.EPERM
+                assert _errno(ask(fc.setattr_(node, V.GID, gid=0))) == errno.EPERM
+                assert _errno(ask(fc.setattr_(node, V.UID, uid=DAEMON_UID))) == 0
+                char = stat.S_IFCHR | 0o600
+                null = fc.mknod(fc.ROOT, b"null", char, os.makedev(1, 3))
+                assert _errno(ask(null)) == errno.EPERM
+                assert _errno(ask(fc.mknod(fc.ROOT, b"fifo", stat.S_IFIFO | 0o600))) == 0
+                opaque = fc.setxattr(node, b"trusted.overlay.opaque", b"y", setxattr_flags=0)
+                assert _errno(ask(opaque)) == 0
+            finally:
+                frontend.close()
+            assert daemon.process.wait(10) == 0, daemon.log()
+        st = os.stat(share / "f")
+        assert (st.st_uid, st.st_gid) == (DAEMON_UID, DAEMON_UID)
+        assert stat.S_ISFIFO(os.stat(share / "fifo").st_mode)
+        assert not (share / "null").exists()
+        assert os.getxattr(share / "f", "user.virtiofs.trusted.overlay.opaque") == b"y"
+    finally:
+        shutil.rmtree(base)
