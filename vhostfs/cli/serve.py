@@ -151,7 +151,10 @@ from vhostfs.fs.passthrough.xattrmap import XattrMap
     help="Threads for the passthrough's blocking work (fsync, big writes); default 4.",
 )
 @click.option(
-    "--announce-submounts", is_flag=True, hidden=True, help="Accepted for virtiofsd compatibility."
+    "--announce-submounts",
+    is_flag=True,
+    help="Show host mounts below --shared-dir to the guest as submounts (own st_dev), as "
+    "virtiofsd does and Kata asks.",
 )
 def serve(
     socket_path: str | None,
@@ -198,6 +201,7 @@ def serve(
             writeback=writeback,
             allow_devices=allow_devices,
             killpriv_v2=killpriv_v2,
+            announce_submounts=announce_submounts,
             workers=max(1, thread_pool_size or 4),
             xattrmap=xattrmap,
         )

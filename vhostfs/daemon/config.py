@@ -28,6 +28,7 @@ class PassthroughMountConfig:
     writeback: bool = False  # the guest's page cache holds writes (FUSE writeback cache)
     allow_devices: bool = False  # let the guest create block and char devices (not whiteouts)
     killpriv_v2: bool = True  # the daemon clears set-id bits on write/truncate/chown (nydusd's)
+    announce_submounts: bool = False  # host mounts below the share are submounts in the guest
     workers: int = 4  # threads for blocking work (fsync, big writes, fallocate, copies)
     xattrmap: XattrMap | None = None  # rename xattrs on the host (virtiofsd's --xattrmap)
 

@@ -87,6 +87,7 @@ class PassthroughMount(Mount):
                 writeback=config.writeback,
                 allow_devices=config.allow_devices,
                 killpriv_v2=config.killpriv_v2,
+                announce_submounts=config.announce_submounts,
                 workers=config.workers,
                 xattrmap=config.xattrmap,
             )

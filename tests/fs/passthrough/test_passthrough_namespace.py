@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,32 @@ def test_writeback_is_offered_only_when_asked(tree: Path, cache: str) -> None:
             assert bool(g.init.flags & fc.WRITEBACK_CACHE) == writeback
         finally:
             fs.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+@pytest.mark.parametrize("announce", [True, False])
+def test_host_mounts_below_the_share_are_announced_as_submounts(
+    tree: Path, announce: bool
+) -> None:
+    mountpoint = tree / "volume"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "vol", str(mountpoint)], check=True)
+    fs = Passthrough(tree, announce_submounts=announce)
+    try:
+        (mountpoint / "inner").mkdir()
+        g = Guest(fs)
+        assert bool(g.init.flags & fc.SUBMOUNTS) == announce
+        volume = g.lookup(ROOT, b"volume")
+        assert volume.attr.flags == (fc.ATTR_SUBMOUNT if announce else 0)
+        # Within the mount, and on the share's own file system, nothing is marked.
+        assert g.lookup(volume.nodeid, b"inner").attr.flags == 0
+        assert g.lookup(ROOT, b"sub").attr.flags == 0
+        assert g.lookup(volume.nodeid, b"..").attr.flags == 0
+        # READDIRPLUS builds its entries through LOOKUP: the same marks.
+        fh = g.opendir(ROOT)
+        plus = fc.parse_direntplus(g.send(fc.readdirplus(ROOT, fh, 0, 1 << 16)).payload)
+        marked = {d.name for e, d in plus if e.attr.flags & fc.ATTR_SUBMOUNT}
+        assert marked == ({b"volume"} if announce else set())
+    finally:
+        fs.close()
+        subprocess.run(["umount", str(mountpoint)], check=True)

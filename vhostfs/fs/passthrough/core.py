@@ -48,7 +48,7 @@ from vhostfs.fs.passthrough import creds
 from vhostfs.fs.passthrough.handles import NO_HANDLE, Handles, Listing, Listings
 from vhostfs.fs.passthrough.names import checked_lookup_name
 from vhostfs.fs.passthrough.xattrmap import XattrMap
-from vhostfs.fuse.abi import InitFlag, OpenReplyFlag
+from vhostfs.fuse.abi import ATTR_SUBMOUNT, InitFlag, OpenReplyFlag
 from vhostfs.fuse.negotiate import granted
 from vhostfs.fuse.ops import (
     DIRECT_WINDOW,
@@ -119,7 +119,10 @@ class PassthroughCore(Operations):
     (HANDLE_KILLPRIV_V2, as nydusd), instead of the guest sending the chmod itself; fd_limit
     caps the nodes and handles the guest may hold (default: below RLIMIT_NOFILE, inodes.py),
     beyond which its lookups, opens and creates get ENFILE; xattrmap renames the guest's xattr
-    names on the host (xattrmap.py)."""
+    names on the host (xattrmap.py); announce_submounts marks directories on another host
+    file system than their parent ATTR_SUBMOUNT (virtiofsd's --announce-submounts), so the
+    guest gives them a superblock of their own and their inode numbers never meet the
+    parent's."""
 
     def __init__(
         self,
@@ -133,6 +136,7 @@ class PassthroughCore(Operations):
         allow_devices: bool = False,
         killpriv_v2: bool = True,
         fd_limit: int | None = None,
+        announce_submounts: bool = False,
         workers: int = 4,
         xattrmap: XattrMap | None = None,
     ) -> None:
@@ -153,6 +157,8 @@ class PassthroughCore(Operations):
         self.writeback = writeback and not readonly
         self.allow_devices = allow_devices
         self.killpriv_v2 = killpriv_v2 and not readonly
+        self.announce_submounts = announce_submounts
+        self.submounts = False  # the session runs with SUBMOUNTS
         self.switch_creds = not readonly and creds.can_switch()
         if self.switch_creds:
             creds.drop_supplementary_groups()
@@ -222,11 +228,15 @@ class PassthroughCore(Operations):
             flags |= InitFlag.WRITEBACK_CACHE
         if self.killpriv_v2:
             flags |= InitFlag.HANDLE_KILLPRIV_V2
+        if self.announce_submounts:
+            flags |= InitFlag.SUBMOUNTS
         if self.xattr and not self.readonly:
             flags |= InitFlag.SETXATTR_EXT  # ACL_KILL_SGID reaches setxattr
         if self.cache != "never":
             flags |= InitFlag.NO_OPENDIR_SUPPORT
-        self.no_opendir = bool(granted(conn.kernel_flags, flags) & InitFlag.NO_OPENDIR_SUPPORT)
+        session = granted(conn.kernel_flags, flags)
+        self.no_opendir = bool(session & InitFlag.NO_OPENDIR_SUPPORT)
+        self.submounts = bool(session & InitFlag.SUBMOUNTS)
         return replace(conn, flags=flags)
 
     async def destroy(self) -> None:
@@ -260,6 +270,18 @@ class PassthroughCore(Operations):
         return self.adopt(os.open(name, O_LOOKUP, dir_fd=directory.fd))
 
     async def lookup(self, parent: NodeId, name: bytes, ctx: RequestContext) -> EntryOut:
+        entry = self._lookup(parent, name)
+        if self.submounts and self._mounted_below(parent, name, entry):
+            entry.attr.flags |= ATTR_SUBMOUNT
+        return entry
+
+    def _mounted_below(self, parent: NodeId, name: bytes, entry: EntryOut) -> bool:
+        """Another st_dev than its parent's: a file system mounted there on the host."""
+        if not stat.S_ISDIR(entry.attr.st_mode) or name in (b".", b".."):
+            return False
+        return self.inodes.get(entry.node_id).key[0] != self.inodes.get(parent).key[0]
+
+    def _lookup(self, parent: NodeId, name: bytes) -> EntryOut:
         directory = self.directory(parent)
         name = checked_lookup_name(name)
         if name == b"." or (name == b".." and directory.node_id == ROOT_ID):
