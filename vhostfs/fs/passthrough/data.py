@@ -223,4 +223,7 @@ def kill_privileges(inode: Inode, capability_names: tuple[bytes, ...]) -> None:
         kill |= stat.S_ISGID
     if mode & kill:
         os.chmod(proc_path(inode.fd), stat.S_IMODE(mode) & ~kill)
-    remove_xattrs(inode, capability_names)
+    # security.capability itself the host kernel has removed already: it does on every write,
+    # truncate and chown, whoever the writer. Only a name the xattr map chose is ours to drop
+    # (under killpriv_v2 every write of an unprivileged caller comes here: no syscall spared).
+    remove_xattrs(inode, capability_names[1:])
