@@ -14,7 +14,7 @@ from vhostfs.daemon import (
     PassthroughMountConfig,
     SocketPath,
 )
-from vhostfs.daemon.config import CachePolicy
+from vhostfs.daemon.config import CachePolicy, SandboxConfig, SeccompMode
 from vhostfs.daemon.process import raise_nofile_limit
 
 
@@ -120,6 +120,20 @@ from vhostfs.daemon.process import raise_nofile_limit
     help="Threads for the passthrough's blocking work (fsync, big writes); default 4.",
 )
 @click.option(
+    "--sandbox",
+    type=click.Choice(["none", "namespace"]),
+    default="none",
+    show_default=True,
+    help="namespace (root, x86_64, --shared-dir only): serve from own mount, network and IPC "
+    "namespaces with the shared dir as /, few capabilities and a seccomp filter.",
+)
+@click.option(
+    "--seccomp",
+    type=click.Choice(["kill", "log", "none"]),
+    help="With --sandbox namespace: kill the process on a denied system call (default), "
+    "log it, or install no filter.",
+)
+@click.option(
     "--announce-submounts", is_flag=True, hidden=True, help="Accepted for virtiofsd compatibility."
 )
 def serve(
@@ -144,6 +158,8 @@ def serve(
     log_level: str,
     syslog: bool,
     thread_pool_size: int | None,
+    sandbox: str,
+    seccomp: str | None,
     announce_submounts: bool,
 ) -> None:
     """Serve a host directory or a RAFS image to one VMM over vhost-user-fs, until it
@@ -153,6 +169,11 @@ def serve(
         raise click.UsageError("give exactly one of --socket/--socket-path and --fd")
     if [shared_dir, bootstrap, image_ref].count(None) != 2:
         raise click.UsageError("give exactly one of --shared-dir, --bootstrap and --image")
+    if sandbox == "namespace" and shared_dir is None:
+        # An image's blobs, cache and bootstrap live outside any one directory to pivot into.
+        raise click.UsageError("--sandbox namespace works with --shared-dir only")
+    if seccomp is not None and sandbox != "namespace":
+        raise click.UsageError("--seccomp needs --sandbox namespace")
     mount: MountConfig
     if shared_dir is not None:
         mount = PassthroughMountConfig(
@@ -182,6 +203,9 @@ def serve(
         else InheritedSocket(listen_fd or 0),
         mounts=(("/", mount),),
         num_request_queues=num_request_queues,
+        sandbox=SandboxConfig(_SECCOMP_MODES[seccomp or "kill"])
+        if sandbox == "namespace"
+        else None,
     )
     raise_nofile_limit(rlimit_nofile)
     run_daemon(config)
@@ -195,3 +219,4 @@ _CACHE_POLICIES: dict[str, CachePolicy] = {
     "none": "never",
     "metadata": "auto",
 }
+_SECCOMP_MODES: dict[str, SeccompMode] = {"kill": "kill", "log": "log", "none": "none"}

@@ -102,9 +102,27 @@ def erofs() -> FuseError:
     return FuseError(errno.EROFS)
 
 
+class _ProcAccess:
+    """How the daemon reaches its own /proc/self/fd and /proc/self/status: by those absolute
+    paths, or (in the namespace sandbox, where no absolute path leaves the share) by relative
+    names, the process's working directory being its /proc/self/fd, and a status descriptor
+    opened before the sandbox closed."""
+
+    fd_prefix = "/proc/self/fd/"
+    status_fd: int | None = None
+
+
+def use_fd_directory_cwd(status_fd: int) -> None:
+    """Switch to relative /proc access: the caller has made the process's working directory
+    its /proc/self/fd (process-wide, so every thread resolves "N" there) and hands over a
+    descriptor of /proc/self/status. Called once, by the sandbox, before any mount opens."""
+    _ProcAccess.fd_prefix = ""
+    _ProcAccess.status_fd = status_fd
+
+
 def proc_path(fd: int) -> str:
     # Built from our own descriptor number, never from guest input.
-    return f"/proc/self/fd/{fd}"
+    return f"{_ProcAccess.fd_prefix}{fd}"
 
 
 class PassthroughCore(Operations):
@@ -420,8 +438,13 @@ class PassthroughCore(Operations):
 
 def current_umask() -> int:
     """The process umask, read without changing it (which would race with other threads)."""
-    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
-        for line in status:
+    with contextlib.suppress(OSError, ValueError):
+        if _ProcAccess.status_fd is not None:
+            text = os.pread(_ProcAccess.status_fd, 1 << 16, 0).decode()
+        else:
+            with open("/proc/self/status") as status:
+                text = status.read()
+        for line in text.splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     return 0o022
