@@ -13,6 +13,9 @@ symlinks are only ever reached through O_PATH. Name rules (names.py):
   guest already holds it (it must, as the kernel keeps a directory's parent looked up), so ".."
   can never introduce an inode the guest could not reach by walking down from the root. A
   directory the host moves out of the export therefore gets EACCES for "..".
+In the daemon's namespace sandbox (vhostfs.daemon.sandbox) no absolute path leads out of the
+share, so /proc/self/fd/N is reached as the relative name "N" (the working directory is the
+fd directory; `use_fd_directory_cwd`).
 Limits: a directory moved out of the export on the host stays reachable, through descriptors
 the guest already holds, for the names below it, as with virtiofsd without its sandbox.
 
