@@ -200,6 +200,10 @@ def test_a_sandboxed_daemon_serves_the_share_and_sees_nothing_else(tmp_path: Pat
         got = frontend.request(QUEUE, fc.getxattr(node, b"user.k", 64), 16 + 64)
         assert _errno(got) == 0 and got[16:] == b"v"
         assert _read_file(frontend, _lookup(frontend, fc.ROOT, b"old")) == b"old data"
+        # A big write and an fsync run on the worker threads, started inside the sandbox.
+        big = frontend.request(QUEUE, fc.write(node, fh, 4096, b"B" * (256 << 10)), 24)
+        assert _errno(big) == 0
+        assert _errno(frontend.request(QUEUE, fc.fsync(node, fh), 16)) == 0
 
         pid = daemon.process.pid
         status = _status(pid)
@@ -207,6 +211,7 @@ def test_a_sandboxed_daemon_serves_the_share_and_sees_nothing_else(tmp_path: Pat
         root = sorted(os.listdir(f"/proc/{pid}/root"))
         cwd = os.listdir(f"/proc/{pid}/cwd")
     assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    assert int(status["Threads"]) > 1  # the workers were started (clone) under the filter
     assert int(status["CapEff"], 16) == SANDBOX_CAPS
     assert int(status["CapPrm"], 16) == SANDBOX_CAPS
     assert int(status["CapBnd"], 16) == SANDBOX_CAPS
@@ -215,7 +220,7 @@ def test_a_sandboxed_daemon_serves_the_share_and_sees_nothing_else(tmp_path: Pat
     assert str(share).endswith(mountinfo[0].split()[3])
     assert root == ["new", "old"]
     assert cwd and all(name.isdigit() for name in cwd)  # its own fd directory
-    assert (share / "new").read_bytes() == b"hello"
+    assert (share / "new").read_bytes() == b"hello".ljust(4096, b"\0") + b"B" * (256 << 10)
     assert os.getxattr(share / "new", "user.k") == b"v"
     assert not (tmp_path / "s.sock").exists()  # removed at exit, from inside the sandbox
 
