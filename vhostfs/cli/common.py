@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from vhostfs.daemon import Daemon, DaemonConfig, MountError, RafsMountConfig
+from vhostfs.daemon import Daemon, DaemonConfig, MountError, RafsMountConfig, SandboxError
 from vhostfs.storage import ConfigError, RafsConfig, parse_config
 
 LOG_LEVELS = ["error", "warn", "warning", "info", "debug", "trace"]
@@ -81,9 +81,10 @@ def read_prefetch_list(path: str) -> tuple[bytes, ...]:
 
 
 def run_daemon(config: DaemonConfig) -> None:
-    """Run the daemon until it stops; a mount that cannot open or a socket that cannot be
-    bound ends the command with its one-line message, never a traceback."""
+    """Run the daemon until it stops; a mount that cannot open, a socket that cannot be bound
+    or a sandbox that cannot be entered ends the command with its one-line message, never a
+    traceback."""
     try:
         Daemon(config).run()
-    except (MountError, OSError) as e:
+    except (MountError, SandboxError, OSError) as e:
         raise click.ClickException(str(e)) from None

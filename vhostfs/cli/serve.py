@@ -14,7 +14,7 @@ from vhostfs.daemon import (
     PassthroughMountConfig,
     SocketPath,
 )
-from vhostfs.daemon.config import CachePolicy
+from vhostfs.daemon.config import CachePolicy, SandboxConfig, SeccompMode
 from vhostfs.daemon.process import raise_nofile_limit
 from vhostfs.fs.passthrough.xattrmap import XattrMap
 
@@ -151,6 +151,23 @@ from vhostfs.fs.passthrough.xattrmap import XattrMap
     help="Threads for the passthrough's blocking work (fsync, big writes); default 4.",
 )
 @click.option(
+    "--sandbox",
+    type=click.Choice(["none", "namespace"]),
+    multiple=True,
+    callback=given_once,
+    help="none (default), or namespace (root, x86_64, --shared-dir only): serve from own "
+    "mount, network and IPC namespaces with the shared dir as /, few capabilities and a "
+    "seccomp filter.",
+)
+@click.option(
+    "--seccomp",
+    type=click.Choice(["kill", "log", "none"]),
+    multiple=True,
+    callback=given_once,
+    help="With --sandbox namespace: kill the process on a denied system call (default), "
+    "log it, or install no filter.",
+)
+@click.option(
     "--announce-submounts",
     is_flag=True,
     help="Show host mounts below --shared-dir to the guest as submounts (own st_dev), as "
@@ -180,6 +197,8 @@ def serve(
     log_level: str,
     syslog: bool,
     thread_pool_size: int | None,
+    sandbox: str | None,
+    seccomp: str | None,
     announce_submounts: bool,
 ) -> None:
     """Serve a host directory or a RAFS image to one VMM over vhost-user-fs, until it
@@ -191,6 +210,11 @@ def serve(
         raise click.UsageError("give exactly one of --shared-dir, --bootstrap and --image")
     if xattrmap is not None and (shared_dir is None or not xattr):
         raise click.UsageError("--xattrmap needs --shared-dir with xattrs on")
+    if sandbox == "namespace" and shared_dir is None:
+        # An image's blobs, cache and bootstrap live outside any one directory to pivot into.
+        raise click.UsageError("--sandbox namespace works with --shared-dir only")
+    if seccomp is not None and sandbox != "namespace":
+        raise click.UsageError("--seccomp needs --sandbox namespace")
     mount: MountConfig
     if shared_dir is not None:
         mount = PassthroughMountConfig(
@@ -223,6 +247,9 @@ def serve(
         else InheritedSocket(listen_fd or 0),
         mounts=(("/", mount),),
         num_request_queues=num_request_queues,
+        sandbox=SandboxConfig(_SECCOMP_MODES[seccomp or "kill"])
+        if sandbox == "namespace"
+        else None,
     )
     raise_nofile_limit(rlimit_nofile)
     run_daemon(config)
@@ -236,6 +263,7 @@ _CACHE_POLICIES: dict[str, CachePolicy] = {
     "none": "never",
     "metadata": "auto",
 }
+_SECCOMP_MODES: dict[str, SeccompMode] = {"kill": "kill", "log": "log", "none": "none"}
 
 
 def _xattrmap(value: str | None) -> XattrMap | None:

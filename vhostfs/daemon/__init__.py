@@ -3,7 +3,9 @@
 - `config`: DaemonConfig and the mount configs, as plain data built by the command line;
 - `state`: the INIT / READY / RUNNING / STOPPED lifecycle and its transitions;
 - `mount`: Mount, which owns an image, its storage, its prefetcher and its file system;
-- `daemon`: Daemon, the composition root that runs them.
+- `daemon`: Daemon, the composition root that runs them;
+- `sandbox`, `preload`, `seccomp`: `--sandbox namespace`, which confines the daemon to the
+  shared dir before it serves.
 """
 
 from vhostfs.daemon.config import (
@@ -12,10 +14,12 @@ from vhostfs.daemon.config import (
     MountConfig,
     PassthroughMountConfig,
     RafsMountConfig,
+    SandboxConfig,
     SocketPath,
 )
 from vhostfs.daemon.daemon import Daemon
 from vhostfs.daemon.mount import Mount, MountError
+from vhostfs.daemon.sandbox import SandboxError
 from vhostfs.daemon.state import DaemonState
 
 __all__ = [
@@ -28,5 +32,7 @@ __all__ = [
     "MountError",
     "PassthroughMountConfig",
     "RafsMountConfig",
+    "SandboxConfig",
+    "SandboxError",
     "SocketPath",
 ]

@@ -14,6 +14,7 @@ from vhostfs.fs.passthrough.xattrmap import XattrMap
 from vhostfs.storage import RafsConfig
 
 CachePolicy: TypeAlias = Literal["auto", "always", "never"]
+SeccompMode: TypeAlias = Literal["kill", "log", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,16 @@ class InheritedSocket:
 
 
 @dataclass(frozen=True, slots=True)
+class SandboxConfig:
+    """--sandbox namespace (daemon/sandbox.py): before serving, the daemon moves into its own
+    mount, network and IPC namespaces with the root mount's shared_dir as "/", keeps a few
+    capabilities and installs a seccomp filter (killing on the deny-list, logging it, or none).
+    Only for a root mount that is a PassthroughMountConfig."""
+
+    seccomp: SeccompMode = "kill"
+
+
+@dataclass(frozen=True, slots=True)
 class DaemonConfig:
     """`pseudo_root` False: `mounts` is one file system at "/", the whole export (virtiofsd's
     way). True: the guest sees nydusd's pseudo root, with `mounts` as the initial mounts and
@@ -71,3 +82,4 @@ class DaemonConfig:
     num_request_queues: int = 1
     pseudo_root: bool = False
     api_socket: str | None = None
+    sandbox: SandboxConfig | None = None

@@ -7,6 +7,8 @@ order (reference §2.1):
 1. open the initial mounts; a bad image or config fails here, before any socket is bound;
 2. listen on the vhost-user socket (RUNNING from then on), then start the HTTP API, so the
    state an API client first reads is already RUNNING;
+   with a sandbox (config.sandbox, sandbox.py) the order of 1 and 2 turns: listen at the
+   host path, enter the sandbox, then open the shared dir as "/" inside it;
 3. serve one front-end until it leaves, SIGTERM/SIGINT arrives or the API asks to exit;
 4. on every way out (those three, or an error) stop the API, cancel the requests still
    running, log the exit metrics, close every mount and remove the socket files.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -27,10 +30,18 @@ from typing import Final
 import uvloop
 
 from vhostfs.api import ApiServer
-from vhostfs.daemon.config import DaemonConfig, MountConfig, SocketPath
+from vhostfs.daemon import sandbox
+from vhostfs.daemon.config import (
+    DaemonConfig,
+    MountConfig,
+    PassthroughMountConfig,
+    SandboxConfig,
+    SocketPath,
+)
 from vhostfs.daemon.controller import DaemonController
 from vhostfs.daemon.events import ErrorEvents
 from vhostfs.daemon.mount import RafsMount
+from vhostfs.daemon.sandbox import SandboxError
 from vhostfs.daemon.state import DaemonState, Lifecycle
 from vhostfs.daemon.table import MountTable
 from vhostfs.fuse.dispatch import Dispatcher
@@ -55,6 +66,8 @@ class Daemon:
         self.events = ErrorEvents()  # recent errors, for the API; attached while serving
         self._exit = asyncio.Event()
         self._exits_process = False  # set by run(): serve() is the process's last job
+        self._socket_bound = False  # our socket file is there: remove it at exit
+        self._socket_dir: int | None = None  # in the sandbox: where the socket file is
 
     @property
     def state(self) -> DaemonState:
@@ -84,10 +97,20 @@ class Daemon:
             loop.add_signal_handler(signum, self.request_exit)
         logging.getLogger().addHandler(self.events)
         try:
-            for mountpoint, mount in self.config.mounts:
-                await self.mounts.add(mountpoint, mount)
-            self._lifecycle.move(DaemonState.READY)
-            listener = self._listen()
+            if self.config.sandbox is None:
+                for mountpoint, mount in self.config.mounts:
+                    await self.mounts.add(mountpoint, mount)
+                self._lifecycle.move(DaemonState.READY)
+                listener = self._listen()
+            else:
+                listener = self._listen()
+                try:
+                    for mountpoint, mount in self._enter_sandbox(self.config.sandbox):
+                        await self.mounts.add(mountpoint, mount)
+                except BaseException:
+                    listener.close()
+                    raise
+                self._lifecycle.move(DaemonState.READY)
             self._lifecycle.move(DaemonState.RUNNING)
             if self.config.api_socket is not None:
                 self._api = ApiServer(DaemonController(self))
@@ -162,8 +185,41 @@ class Daemon:
     def _listen(self) -> socket.socket:
         listen = self.config.listen
         if isinstance(listen, SocketPath):
-            return listen_unix(listen.path)
+            listener = listen_unix(listen.path)
+            self._socket_bound = True
+            return listener
         return inherited_listener(listen.fd)
+
+    def _enter_sandbox(self, config: SandboxConfig) -> list[tuple[str, MountConfig]]:
+        """Enter the sandbox (the socket already listens at its host path) and return the
+        mounts to open inside it: the shared dir, now "/". The socket's directory is kept
+        open, so that the exit can still remove the socket, which no path reaches any more."""
+        if len(self.config.mounts) != 1 or not isinstance(
+            root := self.config.mounts[0][1], PassthroughMountConfig
+        ):
+            raise SandboxError("the sandbox takes exactly one mount, a shared directory")
+        listen = self.config.listen
+        if isinstance(listen, SocketPath):
+            directory = os.path.dirname(os.path.abspath(listen.path))
+            self._socket_dir = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        entered = sandbox.enter(root.shared_dir, xattr=root.xattr, seccomp_mode=config.seccomp)
+        log.info(
+            "sandbox: namespace (mount, network, IPC) with %s as /, capabilities %#x, seccomp %s",
+            root.shared_dir,
+            entered.capabilities,
+            entered.seccomp,
+        )
+        return [(self.config.mounts[0][0], dataclasses.replace(root, shared_dir="/"))]
+
+    def _remove_socket(self) -> None:
+        listen = self.config.listen
+        if not isinstance(listen, SocketPath) or not self._socket_bound:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            if self._socket_dir is None:
+                os.unlink(listen.path)
+            else:
+                os.unlink(os.path.basename(listen.path), dir_fd=self._socket_dir)
 
     def _new_session(self) -> RequestHandler:
         session = Dispatcher(
@@ -198,9 +254,6 @@ class Daemon:
                 entry.mount.report(fops)
         self._forget_direct_reads()
         await self.mounts.aclose()
-        listen = self.config.listen
-        if isinstance(listen, SocketPath) and self.state is DaemonState.RUNNING:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(listen.path)
+        self._remove_socket()
         self._lifecycle.move(DaemonState.STOPPED)
         logging.getLogger().removeHandler(self.events)

@@ -13,6 +13,9 @@ symlinks are only ever reached through O_PATH. Name rules (names.py):
   guest already holds it (it must, as the kernel keeps a directory's parent looked up), so ".."
   can never introduce an inode the guest could not reach by walking down from the root. A
   directory the host moves out of the export therefore gets EACCES for "..".
+In the daemon's namespace sandbox (vhostfs.daemon.sandbox) no absolute path leads out of the
+share, so /proc/self/fd/N is reached as the relative name "N" (the working directory is the
+fd directory; `use_fd_directory_cwd`).
 Limits: a directory moved out of the export on the host stays reachable, through descriptors
 the guest already holds, for the names below it, as with virtiofsd without its sandbox.
 
@@ -103,9 +106,27 @@ def erofs() -> FuseError:
     return FuseError(errno.EROFS)
 
 
+class _ProcAccess:
+    """How the daemon reaches its own /proc/self/fd and /proc/self/status: by those absolute
+    paths, or (in the namespace sandbox, where no absolute path leaves the share) by relative
+    names, the process's working directory being its /proc/self/fd, and a status descriptor
+    opened before the sandbox closed."""
+
+    fd_prefix = "/proc/self/fd/"
+    status_fd: int | None = None
+
+
+def use_fd_directory_cwd(status_fd: int) -> None:
+    """Switch to relative /proc access: the caller has made the process's working directory
+    its /proc/self/fd (process-wide, so every thread resolves "N" there) and hands over a
+    descriptor of /proc/self/status. Called once, by the sandbox, before any mount opens."""
+    _ProcAccess.fd_prefix = ""
+    _ProcAccess.status_fd = status_fd
+
+
 def proc_path(fd: int) -> str:
     # Built from our own descriptor number, never from guest input.
-    return f"/proc/self/fd/{fd}"
+    return f"{_ProcAccess.fd_prefix}{fd}"
 
 
 class PassthroughCore(Operations):
@@ -494,8 +515,13 @@ def remove_xattrs(inode: Inode, names: Iterable[bytes]) -> None:
 
 def current_umask() -> int:
     """The process umask, read without changing it (which would race with other threads)."""
-    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
-        for line in status:
+    with contextlib.suppress(OSError, ValueError):
+        if _ProcAccess.status_fd is not None:
+            text = os.pread(_ProcAccess.status_fd, 1 << 16, 0).decode()
+        else:
+            with open("/proc/self/status") as status:
+                text = status.read()
+        for line in text.splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     return 0o022
