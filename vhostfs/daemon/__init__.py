@@ -15,11 +15,11 @@ from vhostfs.daemon.config import (
     PassthroughMountConfig,
     RafsMountConfig,
     SandboxConfig,
+    SandboxError,
     SocketPath,
 )
 from vhostfs.daemon.daemon import Daemon
 from vhostfs.daemon.mount import Mount, MountError
-from vhostfs.daemon.sandbox import SandboxError
 from vhostfs.daemon.state import DaemonState
 
 __all__ = [

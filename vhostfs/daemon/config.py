@@ -61,6 +61,11 @@ class InheritedSocket:
     fd: int
 
 
+class SandboxError(Exception):
+    """The sandbox cannot be entered; the message says which step failed, in one line. (Here,
+    not in sandbox.py: a daemon without a sandbox never imports that, nor ctypes.)"""
+
+
 @dataclass(frozen=True, slots=True)
 class SandboxConfig:
     """--sandbox namespace (daemon/sandbox.py): before serving, the daemon moves into its own

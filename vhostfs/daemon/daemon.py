@@ -30,18 +30,17 @@ from typing import Final
 import uvloop
 
 from vhostfs.api import ApiServer
-from vhostfs.daemon import sandbox
 from vhostfs.daemon.config import (
     DaemonConfig,
     MountConfig,
     PassthroughMountConfig,
     SandboxConfig,
+    SandboxError,
     SocketPath,
 )
 from vhostfs.daemon.controller import DaemonController
 from vhostfs.daemon.events import ErrorEvents
 from vhostfs.daemon.mount import RafsMount
-from vhostfs.daemon.sandbox import SandboxError
 from vhostfs.daemon.state import DaemonState, Lifecycle
 from vhostfs.daemon.table import MountTable
 from vhostfs.fuse.dispatch import Dispatcher
@@ -202,6 +201,8 @@ class Daemon:
         if isinstance(listen, SocketPath):
             directory = os.path.dirname(os.path.abspath(listen.path))
             self._socket_dir = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        from vhostfs.daemon import sandbox  # ctypes and the preloading, only now
+
         entered = sandbox.enter(root.shared_dir, xattr=root.xattr, seccomp_mode=config.seccomp)
         log.info(
             "sandbox: namespace (mount, network, IPC) with %s as /, capabilities %#x, seccomp %s",

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from vhostfs.daemon import preload, seccomp
-from vhostfs.daemon.config import SeccompMode
+from vhostfs.daemon.config import SandboxError, SeccompMode
 from vhostfs.fs.passthrough import core
 
 log = logging.getLogger(__name__)
@@ -129,10 +129,6 @@ _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
 _prctl.restype = ctypes.c_int
 _syscall: Final = _libc.syscall
 _syscall.restype = ctypes.c_long
-
-
-class SandboxError(Exception):
-    """The sandbox cannot be entered; the message says which step failed, in one line."""
 
 
 class _CapHeader(ctypes.Structure):
