@@ -16,9 +16,10 @@ daemon itself never makes once it serves:
 - the mount table and namespaces: mount, umount2, pivot_root, chroot, unshare, setns, and the
   new mount API (open_tree, move_mount, fsopen, fsconfig, fsmount, fspick, mount_setattr);
 - kernel attack surface we never use: bpf, keyctl, add_key, request_key, perf_event_open,
-  userfaultfd, io_uring_setup, open_by_handle_at (which reaches inodes by handle, outside any
-  root), kexec_load, kexec_file_load, init_module, finit_module, delete_module, reboot, swapon,
-  swapoff;
+  userfaultfd, open_by_handle_at (which reaches inodes by handle, outside any root),
+  kexec_load, kexec_file_load, init_module, finit_module, delete_module, reboot, swapon,
+  swapoff; io_uring_setup answers ENOSYS instead, as uvloop's libuv (1.52) may try it for
+  file operations and then falls back to its thread pool, where killing would end the daemon;
 - the network: socket() of any family but AF_UNIX (the sandbox also has its own empty network
   namespace).
 
@@ -90,7 +91,6 @@ DENIED: Final[dict[str, int]] = {
     "bpf": 321,
     "execveat": 322,
     "userfaultfd": 323,
-    "io_uring_setup": 425,
     "open_tree": 428,
     "move_mount": 429,
     "fsopen": 430,
@@ -104,6 +104,7 @@ DENIED: Final[dict[str, int]] = {
 SYS_SOCKET: Final = 41
 SYS_CLONE: Final = 56
 SYS_CLONE3: Final = 435
+SYS_IO_URING_SETUP: Final = 425
 SYS_SECCOMP: Final = 317
 
 SECCOMP_SET_MODE_FILTER: Final = 1
@@ -134,6 +135,7 @@ def program(mode: Literal["kill", "log"]) -> list[Instruction]:
     for nr in sorted(DENIED.values()):
         prog += [(_JEQ_K, 0, 1, nr), _ret(deny)]
     prog += [(_JEQ_K, 0, 1, SYS_CLONE3), _ret(RET_ERRNO | _ENOSYS)]
+    prog += [(_JEQ_K, 0, 1, SYS_IO_URING_SETUP), _ret(RET_ERRNO | _ENOSYS)]
     # clone: only with CLONE_THREAD (a new thread, not a new process). Both branches return,
     # so loading the argument over the syscall number is fine.
     prog += [
