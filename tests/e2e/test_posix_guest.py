@@ -67,28 +67,43 @@ def score(label: str, socket: Path, program: bytes) -> tuple[set[str], set[str]]
     return passed, failed
 
 
-def test_vhostfs_fails_no_more_posix_assertions_than_virtiofsd(
-    posixcheck: bytes, tmp: Path
-) -> None:
-    shares = {name: tmp / name for name in ("vhostfs", "virtiofsd")}
-    for share in shares.values():
-        share.mkdir()
-        share.chmod(0o755)
-    sock = tmp / "vhostfs.sock"
+def vhostfs_score(
+    label: str, share: Path, tmp: Path, program: bytes, *flags: str
+) -> tuple[tuple[set[str], set[str]], dict[str, int]]:
+    """One guest run against `vhostfs serve --shared-dir share FLAGS`: the score, and the
+    requests the daemon logged at exit."""
+    sock = tmp / f"{label}.sock"
     argv = [sys.executable, "-m", "vhostfs", "serve", "--socket", str(sock)]
-    argv += ["--shared-dir", str(shares["vhostfs"])]
-    with listening_daemon(argv, sock, log_path=tmp / "vhostfs.log") as daemon:
-        ours = score("vhostfs", sock, posixcheck)
+    argv += ["--shared-dir", str(share), *flags]
+    with listening_daemon(argv, sock, log_path=tmp / f"{label}.log") as daemon:
+        ours = score(label, sock, program)
         assert daemon.process.wait(10) == 0  # it stops when the guest's VMM goes
         log = daemon.log()
     assert "Traceback" not in log, log
-    fops = assert_directories_without_handles(log)
+    return ours, assert_directories_without_handles(log)
+
+
+def test_vhostfs_fails_no_more_posix_assertions_than_virtiofsd(
+    posixcheck: bytes, tmp: Path
+) -> None:
+    """Also with --sandbox namespace, which must change no result: the guest's requests all
+    pass the seccomp filter, need no import and reach nothing the plain daemon does not."""
+    names = ("vhostfs", "vhostfs-sandbox", "virtiofsd")
+    shares = {name: tmp / name for name in names}
+    for share in shares.values():
+        share.mkdir()
+        share.chmod(0o755)
+    ours, fops = vhostfs_score("vhostfs", shares["vhostfs"], tmp, posixcheck)
+    sandboxed, _ = vhostfs_score(
+        "vhostfs-sandbox", shares["vhostfs-sandbox"], tmp, posixcheck, "--sandbox", "namespace"
+    )
     ref_sock = tmp / "virtiofsd.sock"
     with reference_virtiofsd(shares["virtiofsd"], ref_sock, "xattr"):
         theirs = score("virtiofsd", ref_sock, posixcheck)
     total = len(ours[0] | ours[1])
     print(
         f"\nPOSIX check: vhostfs {len(ours[0])}/{total} passed, "
+        f"with --sandbox namespace {len(sandboxed[0])}/{len(sandboxed[0] | sandboxed[1])}, "
         f"virtiofsd {len(theirs[0])}/{len(theirs[0] | theirs[1])} passed"
     )
     print(f"  only vhostfs fails: {sorted(ours[1] - theirs[1])}")
@@ -96,3 +111,4 @@ def test_vhostfs_fails_no_more_posix_assertions_than_virtiofsd(
     print(f"  vhostfs requests: {fops}")
     assert total >= 100
     assert len(ours[1]) <= len(theirs[1]), sorted(ours[1] - theirs[1])
+    assert sandboxed == ours, (sorted(sandboxed[1] - ours[1]), sorted(ours[1] - sandboxed[1]))
