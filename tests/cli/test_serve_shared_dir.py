@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import fuse_client as fc
-from tests.support.frontend import Frontend
+from tests.support.frontend import Frontend, fuse_session
 from tests.support.guest import GuestMemory
 from tests.support.vm import DaemonProcess, listening_daemon
 from vhostfs.fuse.abi import SetattrValid as V
@@ -41,19 +41,8 @@ def _serving(tmp_path: Path, *flags: str) -> Iterator[tuple[DaemonProcess, Front
     sock = tmp_path / "s.sock"
     argv = [sys.executable, "-m", "vhostfs", "serve", "--socket", str(sock)]
     argv += ["--shared-dir", str(share), *flags]
-    with (
-        listening_daemon(argv, sock, log_path=tmp_path / "log") as daemon,
-        GuestMemory(((0x10_0000, 8 << 20),)) as mem,
-    ):
-        frontend = Frontend(sock, mem)
-        try:
-            frontend.init()
-            frontend.start()
-            assert _errno(frontend.request(QUEUE, fc.init(), 16 + 64)) == 0
-            yield daemon, frontend
-        finally:
-            frontend.close()
-        assert daemon.process.wait(10) == 0, daemon.log()
+    with fuse_session(argv, sock, tmp_path / "log") as session:
+        yield session
 
 
 def _session(tmp_path: Path, *flags: str) -> tuple[int, int, int]:
@@ -198,29 +187,17 @@ def test_a_lookup_flood_gets_enfile_and_the_daemon_serves_on(tmp_path: Path) -> 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     argv = ["prlimit", f"--nofile=256:{hard}", sys.executable, "-m", "vhostfs", "serve"]
     argv += ["--socket", str(sock), "--shared-dir", str(share), "--rlimit-nofile", "0"]
-    with (
-        listening_daemon(argv, sock, log_path=tmp_path / "log") as daemon,
-        GuestMemory(((0x10_0000, 8 << 20),)) as mem,
-    ):
-        frontend = Frontend(sock, mem)
-        try:
-            frontend.init()
-            frontend.start()
-            assert _errno(frontend.request(QUEUE, fc.init(), 16 + 64)) == 0
-            looked_up = [
-                frontend.request(QUEUE, fc.lookup(fc.ROOT, b"f%d" % i), 16 + 128)
-                for i in range(200)
-            ]
-            errors = [_errno(reply) for reply in looked_up]
-            assert errors == [0] * 128 + [errno.ENFILE] * 72
-            assert _errno(frontend.request(QUEUE, fc.getattr_(fc.ROOT), 16 + 104)) == 0
-            first = fc.parse_entry_out(looked_up[0][16:]).nodeid
-            frontend.request(QUEUE, fc.forget(first, 1), 0)
-            again = frontend.request(QUEUE, fc.lookup(fc.ROOT, b"f199"), 16 + 128)
-            assert _errno(again) == 0
-        finally:
-            frontend.close()
-        assert daemon.process.wait(10) == 0, daemon.log()
+    with fuse_session(argv, sock, tmp_path / "log") as (_, frontend):
+        looked_up = [
+            frontend.request(QUEUE, fc.lookup(fc.ROOT, b"f%d" % i), 16 + 128) for i in range(200)
+        ]
+        errors = [_errno(reply) for reply in looked_up]
+        assert errors == [0] * 128 + [errno.ENFILE] * 72
+        assert _errno(frontend.request(QUEUE, fc.getattr_(fc.ROOT), 16 + 104)) == 0
+        first = fc.parse_entry_out(looked_up[0][16:]).nodeid
+        frontend.request(QUEUE, fc.forget(first, 1), 0)
+        again = frontend.request(QUEUE, fc.lookup(fc.ROOT, b"f199"), 16 + 128)
+        assert _errno(again) == 0
 
 
 DAEMON_UID = 1234  # an unprivileged user, no entry in /etc/passwd needed
@@ -245,34 +222,23 @@ def test_an_unprivileged_daemon_degrades_as_documented(tmp_path: Path) -> None:
         argv += [sys.executable, "-m", "vhostfs", "serve", "--socket", str(sock)]
         argv += ["--shared-dir", str(share), "--xattrmap", ":map:trusted.:user.virtiofs.:"]
         argv += ["--allow-devices"]  # devices allowed: the host itself refuses a non-root mknod
-        with (
-            listening_daemon(argv, sock, log_path=tmp_path / "log") as daemon,
-            GuestMemory(((0x10_0000, 8 << 20),)) as mem,
-        ):
-            frontend = Frontend(sock, mem)
-            try:
-                frontend.init()
-                frontend.start()
-                assert _errno(frontend.request(QUEUE, fc.init(), 16 + 64)) == 0
+        with fuse_session(argv, sock, tmp_path / "log") as (_, frontend):
 
-                def ask(raw: bytes, room: int = 256) -> bytes:
-                    return frontend.request(QUEUE, raw, 16 + room)
+            def ask(raw: bytes, room: int = 256) -> bytes:
+                return frontend.request(QUEUE, raw, 16 + room)
 
-                created = ask(fc.create(fc.ROOT, b"f", os.O_RDWR, uid=1000, gid=1000))
-                assert _errno(created) == 0
-                node = fc.parse_entry_out(created[16:]).nodeid
-                assert _errno(ask(fc.setattr_(node, V.UID, uid=0))) == errno.EPERM
-                assert _errno(ask(fc.setattr_(node, V.GID, gid=0))) == errno.EPERM
-                assert _errno(ask(fc.setattr_(node, V.UID, uid=DAEMON_UID))) == 0
-                char = stat.S_IFCHR | 0o600
-                null = fc.mknod(fc.ROOT, b"null", char, os.makedev(1, 3))
-                assert _errno(ask(null)) == errno.EPERM
-                assert _errno(ask(fc.mknod(fc.ROOT, b"fifo", stat.S_IFIFO | 0o600))) == 0
-                opaque = fc.setxattr(node, b"trusted.overlay.opaque", b"y", setxattr_flags=0)
-                assert _errno(ask(opaque)) == 0
-            finally:
-                frontend.close()
-            assert daemon.process.wait(10) == 0, daemon.log()
+            created = ask(fc.create(fc.ROOT, b"f", os.O_RDWR, uid=1000, gid=1000))
+            assert _errno(created) == 0
+            node = fc.parse_entry_out(created[16:]).nodeid
+            assert _errno(ask(fc.setattr_(node, V.UID, uid=0))) == errno.EPERM
+            assert _errno(ask(fc.setattr_(node, V.GID, gid=0))) == errno.EPERM
+            assert _errno(ask(fc.setattr_(node, V.UID, uid=DAEMON_UID))) == 0
+            char = stat.S_IFCHR | 0o600
+            null = fc.mknod(fc.ROOT, b"null", char, os.makedev(1, 3))
+            assert _errno(ask(null)) == errno.EPERM
+            assert _errno(ask(fc.mknod(fc.ROOT, b"fifo", stat.S_IFIFO | 0o600))) == 0
+            opaque = fc.setxattr(node, b"trusted.overlay.opaque", b"y", setxattr_flags=0)
+            assert _errno(ask(opaque)) == 0
         st = os.stat(share / "f")
         assert (st.st_uid, st.st_gid) == (DAEMON_UID, DAEMON_UID)
         assert stat.S_ISFIFO(os.stat(share / "fifo").st_mode)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,3 +177,46 @@ def test_dd_of_a_256_mib_file_matches_the_host(share: Path, daemon: DaemonProces
     result.check()
     assert result.output.strip() == digest.hexdigest()
     print(f"guest dd: {result.stderr.strip().splitlines()[-1]}")
+
+
+# stat(2) does not trigger an automount on its last component: the submount appears once a
+# path goes through it (the cat), after which /mnt/volume/ is the submount's root.
+SUBMOUNT_SCRIPT = r"""
+set -e
+cat /mnt/volume/inside
+echo "DEV share=$(stat -c %d /mnt) volume=$(stat -c %d /mnt/volume/) sub=$(stat -c %d /mnt/sub)"
+grep -c ' /mnt/volume virtiofs ' /proc/mounts | sed 's/^/MOUNTS /'
+echo from-guest > /mnt/volume/written
+"""
+
+
+def test_a_host_mount_below_the_share_is_a_submount_in_the_guest() -> None:
+    """--announce-submounts, as Kata passes it: a tmpfs mounted below the share is its own
+    virtiofs submount in the guest, with its own st_dev, readable and writable."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+
+    with short_tempdir() as tmp:
+        share = tmp / "share"
+        (share / "volume").mkdir(parents=True)
+        (share / "sub").mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "vol", str(share / "volume")], check=True
+        )
+        try:
+            (share / "volume" / "inside").write_text("on the volume\n")
+            sock = tmp / "vhostfs.sock"
+            argv = [sys.executable, "-m", "vhostfs", "serve", "--socket", str(sock)]
+            argv += ["--shared-dir", str(share), "--announce-submounts"]
+            with listening_daemon(argv, sock, log_path=tmp / "daemon.log") as d:
+                result = run_guest(socket=sock, script=SUBMOUNT_SCRIPT, timeout=300)
+                result.check()
+                assert d.process.wait(10) == 0
+            lines = result.output.splitlines()
+            assert lines[0] == "on the volume", lines
+            devs = dict(kv.split("=") for kv in lines[1].split()[1:])
+            assert devs["share"] == devs["sub"] != devs["volume"], lines
+            assert lines[2] == "MOUNTS 1", lines
+            assert (share / "volume" / "written").read_text() == "from-guest\n"
+        finally:
+            subprocess.run(["umount", str(share / "volume")], check=True)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tests.support import fuse_client as fc
 from tests.support.guest import DriverRing, GuestMemory
 from tests.support.vm import DaemonProcess, listening_daemon
 from vhostfs.vhost import protocol as p
@@ -401,3 +402,25 @@ class InProcessFrontend(Frontend):
         data = bytes(self._replies[:n])
         del self._replies[:n]
         return data
+
+
+@contextlib.contextmanager
+def fuse_session(
+    argv: Sequence[str], socket_path: Path, log_path: Path
+) -> Iterator[tuple[DaemonProcess, Frontend]]:
+    """Start the daemon argv (listening on socket_path), connect a front-end with 8 MiB of guest
+    RAM, start the rings and bring FUSE up on request queue 1; yields both. When the body is
+    done the front-end leaves, and the daemon must then exit 0."""
+    with listening_daemon(argv, socket_path, log_path=log_path) as daemon, GuestMemory(
+        ((0x10_0000, 8 << 20),)
+    ) as mem:
+        frontend = Frontend(socket_path, mem)
+        try:
+            frontend.init()
+            frontend.start()
+            reply = frontend.request(1, fc.init(), 16 + 64)
+            assert fc.parse_out_header(reply).error == 0, daemon.log()
+            yield daemon, frontend
+        finally:
+            frontend.close()
+        assert daemon.process.wait(10) == 0, daemon.log()

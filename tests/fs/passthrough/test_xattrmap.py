@@ -14,10 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import fuse_client as fc
-from tests.support.frontend import Frontend
-from tests.support.guest import GuestMemory
+from tests.support.frontend import fuse_session
 from tests.support.passthrough_guest import Guest
-from tests.support.vm import listening_daemon
 from vhostfs.fs import Passthrough
 from vhostfs.fs.passthrough.xattrmap import XattrMap, XattrRule
 from vhostfs.fuse.abi import SetattrValid as V
@@ -401,24 +399,15 @@ def test_serve_with_an_xattrmap(tmp_path: Path) -> None:
     def errno_of(reply: bytes) -> int:
         return -fc.parse_out_header(reply).error
 
-    with listening_daemon(argv, sock, log_path=tmp_path / "log") as daemon:
-        with GuestMemory(((0x10_0000, 8 << 20),)) as mem:
-            frontend = Frontend(sock, mem)
-            try:
-                frontend.init()
-                frontend.start()
-                assert errno_of(frontend.request(queue, fc.init(), 16 + 64)) == 0
-                entry = frontend.request(queue, fc.lookup(fc.ROOT, b"f"), 16 + 128)
-                node = fc.parse_entry_out(entry[16:]).nodeid
-                opaque = fc.setxattr(node, b"trusted.overlay.opaque", b"y", setxattr_flags=0)
-                assert errno_of(frontend.request(queue, opaque, 16)) == 0
-                forged = fc.setxattr(node, b"user.virtiofs.trusted.x", b"y", setxattr_flags=0)
-                assert errno_of(frontend.request(queue, forged, 16)) == errno.EPERM
-                listing = frontend.request(queue, fc.listxattr(node, 4096), 16 + 4096)
-                assert listing[16:] == b"trusted.overlay.opaque\0"
-            finally:
-                frontend.close()
-        assert daemon.process.wait(10) == 0, daemon.log()
+    with fuse_session(argv, sock, tmp_path / "log") as (_, frontend):
+        entry = frontend.request(queue, fc.lookup(fc.ROOT, b"f"), 16 + 128)
+        node = fc.parse_entry_out(entry[16:]).nodeid
+        opaque = fc.setxattr(node, b"trusted.overlay.opaque", b"y", setxattr_flags=0)
+        assert errno_of(frontend.request(queue, opaque, 16)) == 0
+        forged = fc.setxattr(node, b"user.virtiofs.trusted.x", b"y", setxattr_flags=0)
+        assert errno_of(frontend.request(queue, forged, 16)) == errno.EPERM
+        listing = frontend.request(queue, fc.listxattr(node, 4096), 16 + 4096)
+        assert listing[16:] == b"trusted.overlay.opaque\0"
     assert _host(share / "f") == [b"trusted.host", b"user.virtiofs.trusted.overlay.opaque"]
 
 
