@@ -234,6 +234,26 @@ class PassthroughCore(Operations):
         if len(self.capability_names) > 1 and stat.S_ISREG(inode.mode):
             remove_xattrs(inode, self.capability_names[1:])
 
+    def kill_privileges(self, inode: Inode) -> None:
+        """What the kernel does to a file an unprivileged caller writes, truncates or chowns:
+        S_ISUID goes, S_ISGID too when group-executable. security.capability itself the host
+        kernel has removed already (it does on every write, truncate and chown, whoever the
+        writer); only a name the xattr map chose is ours to drop. Under killpriv_v2 every
+        write of an unprivileged caller comes here, so no syscall is spent on the rest."""
+        self.clear_setid_bits(inode)
+        self.drop_mapped_capability(inode)
+
+    @staticmethod
+    def clear_setid_bits(inode: Inode) -> None:
+        if not stat.S_ISREG(inode.mode):
+            return
+        mode = os.fstat(inode.fd).st_mode
+        kill = stat.S_ISUID
+        if mode & stat.S_IXGRP:
+            kill |= stat.S_ISGID
+        if mode & kill:
+            os.chmod(proc_path(inode.fd), stat.S_IMODE(mode) & ~kill)
+
     # Session.
 
     async def init(self, conn: ConnInfo) -> ConnInfo:
@@ -384,6 +404,9 @@ class PassthroughCore(Operations):
         fd = os.open(proc_path(inode.fd), self.host_open_flags(flags))
         if flags & os.O_TRUNC:
             self.drop_mapped_capability(inode)
+            if kill_suidgid:
+                # The host truncated as root, who keeps set-id bits; the guest's caller may not.
+                self.clear_setid_bits(inode)
         return self.file_opened(self.handles.add_file(node, fd, access != os.O_RDONLY))
 
     def file_opened(self, fh: FileHandle) -> OpenOut:

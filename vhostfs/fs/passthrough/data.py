@@ -5,14 +5,14 @@ copy); writes of _OFFLOAD_BYTES or more, and everything that may block for long 
 fallocate, copy_file_range, syncfs), run on the worker threads so they never stall the other
 requests. A handle stays open while a worker uses it (handles.py).
 
-Set-id bits and file capabilities: the daemon runs as root, and root's writes never lose them
-on the host. When the guest says the writer was unprivileged (FUSE_WRITE_KILL_SUIDGID,
-FATTR_KILL_SUIDGID) the daemon clears them as the kernel would for that writer: S_ISUID
-always, S_ISGID when group-executable, and security.capability. Without those flags the guest
-kernel sends the chmod and removexattr itself. Where an xattr map stores the guest's
-security.capability under another name, which the host kernel does not know to remove, a
-truncate, chown or O_TRUNC open (core.py) removes that name too, and so does a kill of
-privileges.
+Set-id bits and file capabilities: the daemon runs as root, and root's writes never lose
+set-id bits on the host. When the guest says the writer was unprivileged
+(FUSE_WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID, and FUSE_OPEN_KILL_SUIDGID in core.py's open)
+the daemon clears them as the kernel would for that writer (PassthroughCore.kill_privileges):
+S_ISUID always, S_ISGID when group-executable. The host kernel removes security.capability on
+every write, truncate and chown by itself; where an xattr map stores the guest's under another
+name, which the host does not know to remove, the daemon removes that name on the same
+changes. Without killpriv_v2 the guest kernel sends the chmod itself.
 
 Symlinks: SETATTR acts on the link itself. chown and utimes go through /proc/self/fd/N, which
 reaches the link's own inode; chmod and truncate of a symlink are refused as Linux refuses
@@ -29,7 +29,7 @@ from typing import Final
 
 from vhostfs.fs.inodes import Inode
 from vhostfs.fs.passthrough import syscalls
-from vhostfs.fs.passthrough.core import OFFSET_MAX, PassthroughCore, proc_path, remove_xattrs
+from vhostfs.fs.passthrough.core import OFFSET_MAX, PassthroughCore, proc_path
 from vhostfs.fs.passthrough.handles import NO_HANDLE
 from vhostfs.fuse.ops import (
     Attr,
@@ -37,7 +37,6 @@ from vhostfs.fuse.ops import (
     FileHandle,
     FuseError,
     NodeId,
-    OpenOut,
     RequestContext,
     SetattrChanges,
     WriteData,
@@ -85,7 +84,7 @@ class DataOps(PassthroughCore):
                 raise FuseError(errno.EOPNOTSUPP)
             os.chmod(proc_path(inode.fd), changes.mode & 0o7777)
         elif changes.kill_suidgid:
-            kill_privileges(inode, self.capability_names)
+            self.kill_privileges(inode)
         times = (changes.atime_ns, changes.mtime_ns)
         if times != (None, None) or changes.atime_now or changes.mtime_now:
             self._set_times(inode, changes)
@@ -123,15 +122,6 @@ class DataOps(PassthroughCore):
 
     # Data.
 
-    async def open(
-        self, node: NodeId, flags: int, ctx: RequestContext, *, kill_suidgid: bool = False
-    ) -> OpenOut:
-        opened = await super().open(node, flags, ctx)
-        if kill_suidgid and flags & os.O_TRUNC:
-            # The host truncated as root, who keeps set-id bits; the guest's caller may not.
-            kill_privileges(self.inodes.get(node), self.capability_names)
-        return opened
-
     async def write(
         self,
         node: NodeId,
@@ -152,7 +142,7 @@ class DataOps(PassthroughCore):
             with self.handles.using(handle) as fd:
                 written = await self.offload(lambda: data.to_file(fd, offset))
         if flags & WRITE_KILL_SUIDGID:
-            kill_privileges(self.inodes.get(node), self.capability_names)
+            self.kill_privileges(self.inodes.get(node))
         return written
 
     async def flush(self, node: NodeId, fh: FileHandle, lock_owner: int) -> None:
@@ -216,19 +206,3 @@ class DataOps(PassthroughCore):
                 lambda: os.copy_file_range(fd_in, fd_out, length, offset_in, offset_out)
             )
 
-
-def kill_privileges(inode: Inode, capability_names: tuple[bytes, ...]) -> None:
-    """What the kernel does to a file an unprivileged caller writes, truncates or chowns;
-    capability_names are where its capabilities may be (the xattr map may have moved them)."""
-    if not stat.S_ISREG(inode.mode):
-        return
-    mode = os.fstat(inode.fd).st_mode
-    kill = stat.S_ISUID
-    if mode & stat.S_IXGRP:
-        kill |= stat.S_ISGID
-    if mode & kill:
-        os.chmod(proc_path(inode.fd), stat.S_IMODE(mode) & ~kill)
-    # security.capability itself the host kernel has removed already: it does on every write,
-    # truncate and chown, whoever the writer. Only a name the xattr map chose is ours to drop
-    # (under killpriv_v2 every write of an unprivileged caller comes here: no syscall spared).
-    remove_xattrs(inode, capability_names[1:])
